@@ -1,0 +1,116 @@
+"""Pure placement decisions for engines whose capacity velda counts (the local engine).
+
+No I/O, no clocks: the server hands in the queue and what is free, and gets back placements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from velda.models import Allocation, Resources
+
+
+@dataclass(frozen=True)
+class Request:
+    """A queued task asking for capacity. `ancestors` lists its ancestors, nearest first."""
+
+    task_id: int
+    pool: str
+    need: Resources
+    priority: int = 0
+    ancestors: tuple[int, ...] = ()
+    gang: int | None = None  # tasks with the same gang id start together or not at all
+
+
+@dataclass
+class Capacity:
+    free: Resources
+    free_gpus: list[int]
+    lendable: dict[int, float] = field(default_factory=dict)  # blocked task -> CPUs it can lend
+    pool_slots: dict[str, int] = field(default_factory=dict)  # pool -> tasks it may still start
+
+
+@dataclass(frozen=True)
+class Placement:
+    task_id: int
+    allocation: Allocation
+
+
+def schedule(queue: list[Request], capacity: Capacity) -> list[Placement]:
+    """Decide which queued tasks start now.
+
+    Order rules:
+    1. `queue` is already ordered: lower priority number first, then oldest first.
+    2. A task whose ancestor is blocked waiting for it (a `vrun` inside the ancestor) first
+       borrows the ancestor's CPUs; this is what keeps orchestrating scripts from deadlocking.
+    3. Otherwise a task (or a whole gang) starts if it fits in what is free and not reserved.
+    4. A task that does not fit reserves what is free, up to its need, so that a stream of
+       smaller tasks behind it cannot starve it; tasks held back only by their pool's slot
+       limit reserve nothing.
+    """
+    placements: list[Placement] = []
+    reserved = Resources()
+    slots = dict(capacity.pool_slots)
+    for group in _gangs(queue):
+        if len(group) == 1 and (borrowed := _borrow(group[0], capacity, slots)):
+            placements.append(borrowed)
+            continue
+        if not _slots_left(group, slots):
+            continue
+        total = _sum(r.need for r in group)
+        room = capacity.free - reserved
+        if total.fits_in(room) and total.gpus <= len(capacity.free_gpus):
+            placements += [_take(r, capacity, slots) for r in group]
+        else:
+            reserved = reserved + _clamp_non_negative(room).clamp(total)
+    return placements
+
+
+def _gangs(queue: list[Request]) -> list[list[Request]]:
+    groups: dict[object, list[Request]] = {}
+    for request in queue:
+        key = ("gang", request.gang) if request.gang is not None else ("task", request.task_id)
+        groups.setdefault(key, []).append(request)
+    return list(groups.values())
+
+
+def _borrow(request: Request, capacity: Capacity, slots: dict[str, int]) -> Placement | None:
+    if request.need.gpus or not _slots_left([request], slots):
+        return None
+    for ancestor in request.ancestors:
+        if capacity.lendable.get(ancestor, 0.0) >= request.need.cpus - 1e-9:
+            capacity.lendable[ancestor] -= request.need.cpus
+            _use_slot(request, slots)
+            return Placement(request.task_id, Allocation(request.need.cpus, (), ancestor))
+    return None
+
+
+def _take(request: Request, capacity: Capacity, slots: dict[str, int]) -> Placement:
+    capacity.free = capacity.free - request.need
+    gpu_ids = tuple(capacity.free_gpus[: request.need.gpus])
+    del capacity.free_gpus[: request.need.gpus]
+    _use_slot(request, slots)
+    return Placement(request.task_id, Allocation(request.need.cpus, gpu_ids, None))
+
+
+def _slots_left(group: list[Request], slots: dict[str, int]) -> bool:
+    wanted: dict[str, int] = {}
+    for r in group:
+        wanted[r.pool] = wanted.get(r.pool, 0) + 1
+    return all(slots.get(pool, n) >= n for pool, n in wanted.items())
+
+
+def _use_slot(request: Request, slots: dict[str, int]) -> None:
+    if request.pool in slots:
+        slots[request.pool] -= 1
+
+
+def _sum(needs: object) -> Resources:
+    total = Resources()
+    for need in needs:  # type: ignore[attr-defined]
+        total = total + need
+    return total
+
+
+def _clamp_non_negative(r: Resources) -> Resources:
+    return Resources(max(r.cpus, 0.0), max(r.gpus, 0))

@@ -1,0 +1,3 @@
+from velda.server.main import main
+
+raise SystemExit(main())

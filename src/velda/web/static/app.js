@@ -1,0 +1,864 @@
+// velda web UI: one small script, no build step.
+// The HTML shells carry no data; everything comes from the JSON API (docs/api.md), polled.
+// Rendering goes through textContent and DOM nodes only, never innerHTML with API data.
+"use strict";
+
+(() => {
+  const API = "/api/v1";
+  const PAGE_SIZE = 50;
+  const LIST_POLL_MS = 1000;
+  const LOG_POLL_MS = 500;
+  const LOG_KEEP_CHARS = 2_000_000; // what a log view keeps in the page; the rest is a download
+  const FINAL = new Set(["SUCCESS", "FAILURE", "FAILED_UPSTREAM", "SKIPPED", "CANCELLED"]);
+  const STATUS_FILTERS = [
+    ["", "All statuses"],
+    ["PENDING,QUEUED,RUNNING,RUNNING_SUBTASKS", "Active"],
+    ["RUNNING,RUNNING_SUBTASKS", "Running"],
+    ["PENDING,QUEUED", "Waiting"],
+    ["SUCCESS", "Succeeded"],
+    ["FAILURE,FAILED_UPSTREAM", "Failed"],
+    ["CANCELLED", "Cancelled"],
+    ["SKIPPED", "Skipped"],
+  ];
+  const DEP_KINDS = { success: "after success", fail: "after failure", any: "after end" };
+
+  // ---- DOM helpers -------------------------------------------------------------------------
+
+  const $ = (sel, root = document) => root.querySelector(sel);
+
+  function h(tag, attrs, ...kids) {
+    const el = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+      else if (k === "style") Object.assign(el.style, v); // CSSOM: allowed by the page's CSP
+      else if (k in el && k !== "list" && typeof v !== "string") el[k] = v;
+      else el.setAttribute(k, v === true ? "" : v);
+    }
+    el.append(...kids.flat().filter((k) => k !== null && k !== undefined && k !== false));
+    return el;
+  }
+
+  function setText(el, text) {
+    if (el.textContent !== text) el.textContent = text;
+  }
+
+  function replaceKids(el, ...kids) {
+    el.replaceChildren(...kids.flat().filter((k) => k !== null && k !== undefined));
+  }
+
+  // ---- API ---------------------------------------------------------------------------------
+
+  function cookie(name) {
+    const hit = document.cookie.split("; ").find((c) => c.startsWith(name + "="));
+    return hit ? decodeURIComponent(hit.slice(name.length + 1)) : "";
+  }
+
+  function toLogin() {
+    const next = location.pathname + location.search;
+    location.assign("/login?next=" + encodeURIComponent(next));
+  }
+
+  async function api(path, { method = "GET", body } = {}) {
+    const headers = { Accept: "application/json" };
+    if (method !== "GET") headers["X-Velda-CSRF"] = cookie("velda_csrf");
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const init = { method, headers, credentials: "same-origin", cache: "no-store" };
+    if (body !== undefined) init.body = JSON.stringify(body);
+    const resp = await fetch(API + path, init);
+    if (resp.status === 401) {
+      toLogin();
+      throw new Error("not signed in");
+    }
+    if (!resp.ok) {
+      let msg = `${resp.status} ${resp.statusText}`;
+      try {
+        msg = (await resp.json()).error || msg;
+      } catch (_) {
+        /* not JSON: keep the status line */
+      }
+      const err = new Error(msg);
+      err.status = resp.status;
+      throw err;
+    }
+    return resp;
+  }
+
+  const getJSON = async (path) => (await api(path)).json();
+  const taskPath = (id) => "/tasks/" + encodeURIComponent(id);
+
+  // ---- polling and the live indicator ------------------------------------------------------
+
+  function showLive(ok, err) {
+    const el = $("#live");
+    if (!el) return;
+    el.classList.toggle("off", !ok);
+    setText(el, ok ? "Live" : "Offline");
+    el.title = ok ? "Live updates" : "Cannot reach the server: " + (err && err.message);
+  }
+
+  // Calls fn now and then every ms until fn returns false; pauses while the tab is hidden.
+  class Poller {
+    constructor(fn, ms) {
+      this.fn = fn;
+      this.ms = ms;
+      this.timer = null;
+      this.busy = false;
+      this.again = false;
+      this.done = false;
+      document.addEventListener("visibilitychange", () => document.hidden || this.now());
+      this.now();
+    }
+
+    now() {
+      if (this.done) return;
+      if (this.busy) {
+        this.again = true;
+        return;
+      }
+      clearTimeout(this.timer);
+      if (document.hidden) return;
+      this.busy = true;
+      Promise.resolve()
+        .then(this.fn)
+        .then(
+          (more) => {
+            showLive(true);
+            if (more === false) this.done = true;
+          },
+          (err) => showLive(false, err),
+        )
+        .finally(() => this.next());
+    }
+
+    next() {
+      this.busy = false;
+      if (this.done) return;
+      if (this.again) {
+        this.again = false;
+        this.now();
+      } else {
+        this.timer = setTimeout(() => this.now(), this.ms);
+      }
+    }
+
+    restart() {
+      this.done = false;
+      this.now();
+    }
+  }
+
+  // ---- formatting --------------------------------------------------------------------------
+
+  const ms = (iso) => (iso ? Date.parse(iso) : null);
+
+  function fmtDuration(millis) {
+    if (millis === null || millis === undefined || millis < 0) return "";
+    const s = millis / 1000;
+    if (s < 10) return s.toFixed(1) + "s";
+    if (s < 60) return Math.floor(s) + "s";
+    const m = Math.floor(s / 60);
+    if (m < 60) return `${m}m ${Math.floor(s % 60)}s`;
+    const hrs = Math.floor(m / 60);
+    if (hrs < 24) return `${hrs}h ${m % 60}m`;
+    return `${Math.floor(hrs / 24)}d ${hrs % 24}h`;
+  }
+
+  function fmtAgo(t) {
+    const s = (Date.now() - t) / 1000;
+    if (s < 5) return "just now";
+    if (s < 60) return Math.floor(s) + "s ago";
+    if (s < 3600) return Math.floor(s / 60) + "m ago";
+    if (s < 86400) return Math.floor(s / 3600) + "h ago";
+    const opts = { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" };
+    return new Date(t).toLocaleString(undefined, opts);
+  }
+
+  const fmtTime = (t) => (t === null ? "" : new Date(t).toLocaleString());
+
+  // Start of the task's own run to its resolution; still counting while it is not final.
+  function durationOf(task) {
+    const start = ms(task.started_at);
+    if (start === null) return null;
+    const end = ms(task.resolved_at) ?? (FINAL.has(task.status) ? ms(task.finished_at) : null);
+    return (end ?? Date.now()) - start;
+  }
+
+  // Elements that show "3m ago" or a running duration carry their times in data attributes
+  // and are refreshed here every second, between API polls.
+  function timeAgo(iso) {
+    if (!iso) return h("span", { class: "muted" }, "—");
+    return h("time", { datetime: iso, title: fmtTime(ms(iso)), "data-ago": iso }, fmtAgo(ms(iso)));
+  }
+
+  function durationEl(task) {
+    const d = durationOf(task);
+    if (d === null) return h("span", { class: "muted" }, "—");
+    const open = ms(task.resolved_at) === null && !FINAL.has(task.status);
+    return h("span", { "data-since": open ? task.started_at : null }, fmtDuration(d));
+  }
+
+  function tickClocks() {
+    for (const el of document.querySelectorAll("[data-ago]")) {
+      setText(el, fmtAgo(ms(el.dataset.ago)));
+    }
+    for (const el of document.querySelectorAll("[data-since]")) {
+      setText(el, fmtDuration(Date.now() - ms(el.dataset.since)));
+    }
+  }
+
+  function shellQuote(arg) {
+    if (arg !== "" && /^[\w@%+=:,./-]+$/.test(arg)) return arg;
+    return "'" + arg.replace(/'/g, "'\\''") + "'";
+  }
+
+  const commandLine = (argv) => (argv || []).map(shellQuote).join(" ");
+
+  function statusBadge(status) {
+    const label = status.charAt(0) + status.slice(1).toLowerCase().replace(/_/g, " ");
+    return h("span", { class: "badge s-" + status.toLowerCase(), "data-status": status }, label);
+  }
+
+  function progressBar(c) {
+    if (!c || !c.total) return h("span", { class: "muted" }, "—");
+    const pct = (n) => (100 * n) / c.total + "%";
+    const seg = (cls, n, what) =>
+      n ? h("span", { class: "seg " + cls, style: { width: pct(n) }, title: `${n} ${what}` }) : null;
+    const done = c.succeeded + c.failed;
+    return h(
+      "div",
+      { class: "progress", title: progressTitle(c) },
+      h(
+        "div",
+        { class: "bar" },
+        seg("ok", c.succeeded, "succeeded"),
+        seg("bad", c.failed, "failed"),
+        seg("run", c.running, "running"),
+        seg("wait", c.queued, "queued"),
+      ),
+      h(
+        "span",
+        { class: "count" },
+        `${done}/${c.total}`,
+        c.failed ? h("span", { class: "failed-count" }, ` · ${c.failed} failed`) : null,
+      ),
+    );
+  }
+
+  function progressTitle(c) {
+    return (
+      `${c.succeeded} succeeded, ${c.failed} failed, ${c.running} running, ` +
+      `${c.queued} queued of ${c.total}`
+    );
+  }
+
+  function link(href, text, cls) {
+    return h("a", { href, class: cls }, text);
+  }
+
+  // ---- task table (the list page and a task's children) -----------------------------------
+
+  class TaskTable {
+    // parent: null for the top-level list; syncUrl: keep the filters in the address bar.
+    constructor(root, { parent = null, syncUrl = false } = {}) {
+      this.root = root;
+      this.parent = parent;
+      this.syncUrl = syncUrl;
+      this.rows = new Map();
+      this.tokens = []; // page tokens of the pages before this one, for "Previous"
+      const url = new URLSearchParams(syncUrl ? location.search : "");
+      this.state = {
+        q: url.get("q") || "",
+        status: url.get("status") || "",
+        label: url.getAll("label").join(", "),
+        token: url.get("page_token") || "",
+      };
+      this.build();
+      this.poller = new Poller(() => this.load(), LIST_POLL_MS);
+    }
+
+    build() {
+      const s = this.state;
+      this.search = h("input", {
+        type: "search",
+        placeholder: "Search name or command",
+        value: s.q,
+        "aria-label": "Search",
+        oninput: debounce(() => this.change({ q: this.search.value.trim() }), 250),
+      });
+      this.statusSel = h(
+        "select",
+        { "aria-label": "Status", onchange: () => this.change({ status: this.statusSel.value }) },
+        STATUS_FILTERS.map(([v, text]) => h("option", { value: v, selected: v === s.status }, text)),
+      );
+      this.labelIn = h("input", {
+        type: "text",
+        placeholder: "label key=value",
+        value: s.label,
+        "aria-label": "Label",
+        onchange: () => this.change({ label: this.labelIn.value.trim() }),
+      });
+      this.tbody = h("tbody");
+      this.empty = h("div", { class: "empty", hidden: true });
+      this.pager = this.buildPager();
+      const head = ["ID", "Name", "Status", "Pool", "Progress", "Created", "Duration"];
+      replaceKids(
+        this.root,
+        h("div", { class: "toolbar" }, this.search, this.statusSel, this.labelIn),
+        h(
+          "div",
+          { class: "card flush" },
+          h(
+            "table",
+            { class: "grid tasks" },
+            h("thead", {}, h("tr", {}, head.map((t) => h("th", { class: "c-" + t.toLowerCase() }, t)))),
+            this.tbody,
+          ),
+          this.empty,
+        ),
+        this.pager.el,
+      );
+    }
+
+    buildPager() {
+      const first = h("button", { type: "button", class: "btn small", onclick: () => this.go("") }, "« First");
+      const prev = h("button", { type: "button", class: "btn small", onclick: () => this.go(this.tokens.pop() ?? "", true) }, "‹ Previous");
+      const next = h("button", { type: "button", class: "btn small", onclick: () => this.go(this.nextToken, false, true) }, "Next ›");
+      const info = h("span", { class: "muted" });
+      return { el: h("div", { class: "pager" }, info, h("span", { class: "grow" }), first, prev, next), first, prev, next, info };
+    }
+
+    go(token, back = false, forward = false) {
+      if (forward) this.tokens.push(this.state.token);
+      if (!back && !forward) this.tokens = [];
+      this.state.token = token || "";
+      this.update();
+    }
+
+    change(patch) {
+      Object.assign(this.state, patch, { token: "" });
+      this.tokens = [];
+      this.update();
+    }
+
+    update() {
+      if (this.syncUrl) history.replaceState(null, "", location.pathname + this.query(false));
+      this.poller.restart();
+    }
+
+    // The API query for the current state; withPaging adds page_size and the parent.
+    query(forApi = true) {
+      const s = this.state;
+      const q = new URLSearchParams();
+      if (forApi && this.parent) q.set("parent", this.parent);
+      if (s.q) q.set("q", s.q);
+      if (s.status) q.set("status", s.status);
+      for (const l of s.label.split(/[\s,]+/).filter(Boolean)) q.append("label", l);
+      if (s.token) q.set("page_token", s.token);
+      if (forApi) q.set("page_size", PAGE_SIZE);
+      const text = q.toString();
+      return text ? "?" + text : "";
+    }
+
+    // stopped is set by the owner (a task page whose task is final): one more read, then no more.
+    async load() {
+      const last = this.stopped;
+      const sent = this.query();
+      const page = await getJSON("/tasks" + sent);
+      if (sent !== this.query()) return true; // the filters changed while this was in flight
+      const tasks = page.tasks || [];
+      this.render(tasks);
+      this.nextToken = page.next_page_token || "";
+      this.renderPager(tasks.length);
+      return !last;
+    }
+
+    render(tasks) {
+      const seen = new Set();
+      tasks.forEach((task, i) => {
+        seen.add(task.id);
+        let tr = this.rows.get(task.id);
+        if (!tr) {
+          tr = h("tr", { "data-id": task.id });
+          this.rows.set(task.id, tr);
+        }
+        fillRow(tr, task);
+        if (this.tbody.children[i] !== tr) this.tbody.insertBefore(tr, this.tbody.children[i] || null);
+      });
+      for (const [id, tr] of this.rows) {
+        if (!seen.has(id)) {
+          tr.remove();
+          this.rows.delete(id);
+        }
+      }
+      this.renderEmpty(tasks.length);
+    }
+
+    renderEmpty(count) {
+      const s = this.state;
+      const filtered = s.q || s.status || s.label;
+      this.empty.hidden = count > 0;
+      if (count) return;
+      if (filtered) setText(this.empty, "No tasks match these filters.");
+      else if (this.parent) setText(this.empty, "No children.");
+      else replaceKids(this.empty, "No tasks yet. Submit one with ", h("code", {}, "vbatch echo hello"), ".");
+    }
+
+    renderPager(count) {
+      const p = this.pager;
+      const pageNo = this.tokens.length + 1;
+      setText(p.info, count ? `Page ${pageNo} · ${count} task${count === 1 ? "" : "s"}` : "");
+      p.first.disabled = !this.state.token;
+      p.prev.disabled = !this.tokens.length;
+      p.next.disabled = !this.nextToken;
+      p.el.hidden = !this.state.token && !this.nextToken;
+    }
+  }
+
+  // Rebuilds a row's cells only when what they show changed, so a row under the mouse
+  // or a text selection survives the once-a-second refresh.
+  function fillRow(tr, task) {
+    const key = JSON.stringify([task.status, task.children, task.started_at, task.resolved_at, task.finished_at, task.name]);
+    if (tr.dataset.key === key) return;
+    tr.dataset.key = key;
+    const href = taskPath(task.id);
+    const cmd = commandLine(task.command);
+    const name = task.name ? link(href, task.name, "name") : link(href, cmd || "(no command)", "name cmd-name");
+    replaceKids(
+      tr,
+      h("td", { class: "c-id" }, link(href, task.id, "mono")),
+      h("td", { class: "c-name" }, name, task.name && cmd ? h("div", { class: "cmd", title: cmd }, cmd) : null),
+      h("td", { class: "c-status" }, statusBadge(task.status)),
+      h("td", { class: "c-pool" }, task.pool),
+      h("td", { class: "c-progress" }, progressBar(task.children)),
+      h("td", { class: "c-created" }, timeAgo(task.created_at)),
+      h("td", { class: "c-duration" }, durationEl(task)),
+    );
+  }
+
+  function debounce(fn, wait) {
+    let t = null;
+    return () => {
+      clearTimeout(t);
+      t = setTimeout(fn, wait);
+    };
+  }
+
+  // ---- logs --------------------------------------------------------------------------------
+
+  // Terminal semantics for progress bars: a bare "\r" goes back to the start of the line,
+  // so only the last non-empty piece of each line is kept.
+  function collapseCR(line) {
+    if (!line.includes("\r")) return line;
+    const parts = line.split("\r").filter(Boolean);
+    return parts.length ? parts[parts.length - 1] : "";
+  }
+
+  // Colour and cursor escape sequences (tqdm, rich, ...) would show as garbage in a page.
+  const ANSI = /\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]/g;
+
+  class LogView {
+    constructor(taskId) {
+      this.taskId = taskId;
+      this.pre = $("#log");
+      this.note = $("#log-note");
+      this.follow = $("#follow");
+      this.view = "combined";
+      this.attempt = null; // null: the latest
+      this.final = false;
+      this.pre.addEventListener("scroll", () => this.onScroll());
+      for (const tab of document.querySelectorAll("[data-view]")) {
+        tab.addEventListener("click", () => this.setView(tab.dataset.view));
+      }
+      $("#attempt").addEventListener("change", (e) => this.setAttempt(e.target.value));
+      this.reset();
+      this.poller = new Poller(() => this.load(), LOG_POLL_MS);
+    }
+
+    reset() {
+      this.gen = (this.gen || 0) + 1; // reads in flight for an older view are dropped
+      const fresh = () => ({ offset: 0, decoder: new TextDecoder() });
+      this.streams = { stdout: fresh(), stderr: fresh() };
+      this.parts = []; // [{stream, text}] in arrival order: the combined view
+      this.dropped = false;
+      this.pre.replaceChildren();
+      this.pre.dataset.empty = "No output yet";
+      this.note.hidden = true;
+      this.updateLinks();
+    }
+
+    updateLinks() {
+      for (const stream of ["stdout", "stderr"]) {
+        const q = new URLSearchParams({ stream });
+        if (this.attempt) q.set("attempt", this.attempt);
+        const a = $("#raw-" + stream);
+        a.href = `${API}${taskPath(this.taskId)}/logs?${q}`;
+        a.download = `${this.taskId}${this.attempt ? "-" + this.attempt : ""}.${stream}.log`;
+        a.title = `Download ${stream}`;
+      }
+    }
+
+    setTask(task) {
+      if (this.attempt === null && this.seen !== undefined && this.seen !== task.attempt) this.reset();
+      this.seen = task.attempt;
+      const latest = this.attempt === null || Number(this.attempt) === task.attempt;
+      this.final = FINAL.has(task.status) || !latest || task.status === "RUNNING_SUBTASKS";
+      this.renderAttempts(task);
+      if (!this.final && this.poller.done) this.poller.restart();
+    }
+
+    renderAttempts(task) {
+      const sel = $("#attempt");
+      const attempts = task.attempts || [];
+      sel.hidden = attempts.length < 2;
+      if (sel.options.length === attempts.length) return;
+      replaceKids(
+        sel,
+        attempts
+          .slice()
+          .reverse()
+          .map((a) => h("option", { value: a.attempt === task.attempt ? "" : String(a.attempt) }, `Attempt ${a.attempt}`)),
+      );
+      sel.value = this.attempt || "";
+    }
+
+    setAttempt(value) {
+      this.attempt = value || null;
+      this.reset();
+      this.poller.restart();
+    }
+
+    async load() {
+      const last = this.final; // final before the read: this read has everything there is
+      await this.read("stdout");
+      await this.read("stderr");
+      if (last) this.pre.dataset.empty = "No output";
+      return !last;
+    }
+
+    async read(stream) {
+      const s = this.streams[stream];
+      const q = new URLSearchParams({ stream, offset: s.offset });
+      if (this.attempt) q.set("attempt", this.attempt);
+      const gen = this.gen;
+      const resp = await api(`${taskPath(this.taskId)}/logs?${q}`);
+      const { tail, total } = await readTail(resp, LOG_KEEP_CHARS);
+      if (gen !== this.gen) return;
+      s.offset += total;
+      if (tail.byteLength < total) this.truncated();
+      if (tail.byteLength) this.append(stream, s.decoder.decode(tail, { stream: true }));
+    }
+
+    append(stream, raw) {
+      const text = raw.replace(ANSI, "").replace(/\r\n/g, "\n");
+      const last = this.parts[this.parts.length - 1];
+      if (last && last.stream === stream) last.text = joinLog(last.text, text);
+      else this.parts.push({ stream, text: collapseLines(text) });
+      if (this.view === "combined" || this.view === stream) this.show(stream, text);
+      this.trim();
+    }
+
+    // Appends to the <pre> in place: a following view costs only the new bytes.
+    show(stream, text) {
+      const atBottom = this.follow.checked;
+      let node = this.pre.lastChild;
+      const cls = this.view === "combined" && stream === "stderr" ? "err" : "out";
+      if (!node || node.className !== cls) {
+        node = h("span", { class: cls });
+        this.pre.append(node);
+      }
+      node.textContent = joinLog(node.textContent, text);
+      if (atBottom) this.pre.scrollTop = this.pre.scrollHeight;
+    }
+
+    render() {
+      const parts = this.view === "combined" ? this.parts : this.parts.filter((p) => p.stream === this.view);
+      this.pre.replaceChildren();
+      for (const p of parts) this.show(p.stream, p.text);
+    }
+
+    setView(view) {
+      this.view = view;
+      for (const tab of document.querySelectorAll("[data-view]")) {
+        tab.setAttribute("aria-selected", String(tab.dataset.view === view));
+      }
+      this.render();
+    }
+
+    trim() {
+      let size = this.parts.reduce((n, p) => n + p.text.length, 0);
+      if (size <= LOG_KEEP_CHARS) return;
+      while (size > LOG_KEEP_CHARS / 2 && this.parts.length > 1) size -= this.parts.shift().text.length;
+      this.truncated();
+      this.render();
+    }
+
+    truncated() {
+      this.note.hidden = false;
+      setText(this.note, "Only the end of this log is shown. Download stdout or stderr for all of it.");
+    }
+
+    onScroll() {
+      const p = this.pre;
+      this.follow.checked = p.scrollTop + p.clientHeight >= p.scrollHeight - 8;
+    }
+  }
+
+  // Reads a response body keeping only its last `keep` bytes: a log of gigabytes streams
+  // through without piling up in the page.
+  async function readTail(resp, keep) {
+    const reader = resp.body.getReader();
+    const chunks = [];
+    let size = 0;
+    let total = 0;
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      chunks.push(value);
+      size += value.byteLength;
+      total += value.byteLength;
+      while (size - chunks[0].byteLength >= keep) size -= chunks.shift().byteLength;
+    }
+    const buf = new Uint8Array(size);
+    let at = 0;
+    for (const c of chunks) {
+      buf.set(c, at);
+      at += c.byteLength;
+    }
+    return { tail: size > keep ? buf.subarray(size - keep) : buf, total };
+  }
+
+  function collapseLines(text) {
+    return text.includes("\r") ? text.split("\n").map(collapseCR).join("\n") : text;
+  }
+
+  // Appends new output to old, redrawing the old unfinished line if the new part rewrites it.
+  function joinLog(old, text) {
+    if (!text.includes("\r")) return old + text;
+    const cut = old.lastIndexOf("\n") + 1;
+    return old.slice(0, cut) + collapseLines(old.slice(cut) + text);
+  }
+
+  // ---- task page ---------------------------------------------------------------------------
+
+  class TaskPage {
+    constructor() {
+      this.id = decodeURIComponent(location.pathname.split("/")[2] || "");
+      this.names = new Map(); // id -> name, for dependency links
+      this.children = null;
+      this.key = "";
+      this.logs = new LogView(this.id);
+      $("#cancel").addEventListener("click", () => this.act("cancel"));
+      $("#retry").addEventListener("click", () => this.act("retry"));
+      this.poller = new Poller(() => this.load(), LIST_POLL_MS);
+    }
+
+    async load() {
+      let task;
+      try {
+        task = await getJSON(taskPath(this.id));
+      } catch (err) {
+        if (err.status !== 404 && err.status !== 403) throw err;
+        this.fail(err.status === 404 ? `There is no task ${this.id}.` : err.message);
+        this.logs.poller.done = true;
+        return false;
+      }
+      this.task = task;
+      this.logs.setTask(task);
+      this.render(task);
+      const final = FINAL.has(task.status);
+      if (this.children) {
+        this.children.stopped = final;
+        if (!final && this.children.poller.done) this.children.poller.restart();
+      }
+      return !final;
+    }
+
+    fail(msg) {
+      const el = $("#task-error");
+      el.hidden = !msg;
+      setText(el, msg || "");
+    }
+
+    render(task) {
+      const key = JSON.stringify(task);
+      if (key === this.key) return;
+      this.key = key;
+      document.title = `${task.name || "Task " + task.id} · velda`;
+      setText($("#task-title"), task.name || commandLine(task.command) || "Task " + task.id);
+      replaceKids($("#task-status"), statusBadge(task.status));
+      this.renderCrumbs(task);
+      replaceKids($("#details"), props(detailRows(task)));
+      replaceKids($("#timing"), props(timingRows(task)), attemptsTable(task));
+      this.renderDeps(task);
+      this.renderChildren(task);
+      this.renderEnv(task);
+      $("#cancel").hidden = FINAL.has(task.status);
+      $("#retry").hidden = !FINAL.has(task.status) || task.status === "SUCCESS";
+    }
+
+    renderCrumbs(task) {
+      const items = [link("/", "Tasks")];
+      for (const a of task.ancestors || []) items.push(link(taskPath(a.id), a.name || a.id));
+      items.push(h("span", { "aria-current": "page" }, task.name || task.id));
+      replaceKids($("#crumbs"), items);
+    }
+
+    renderDeps(task) {
+      const list = (deps) =>
+        deps.length
+          ? h("ul", { class: "deps" }, deps.map((d) => h("li", {}, this.depLink(d.id), " ", h("span", { class: "chip" }, DEP_KINDS[d.kind] || d.kind))))
+          : h("span", { class: "muted" }, "none");
+      replaceKids($("#deps"), props([
+        ["Waits for", list(task.depends_on || [])],
+        ["Needed by", list(task.dependents || [])],
+      ]));
+    }
+
+    depLink(id) {
+      const a = link(taskPath(id), id, "mono");
+      const fill = (name) => name && a.replaceChildren(h("span", { class: "mono" }, id), " " + name);
+      if (this.names.has(id)) fill(this.names.get(id));
+      else if (this.names.size < 50) {
+        this.names.set(id, "");
+        getJSON(taskPath(id)).then((t) => {
+          this.names.set(id, t.name || "");
+          fill(t.name);
+        }, () => {});
+      }
+      return a;
+    }
+
+    renderChildren(task) {
+      const c = task.children;
+      if (!c || !c.total) return;
+      $("#children-card").hidden = false;
+      setText($("#children-summary"), progressTitle(c));
+      replaceKids($("#children-progress"), progressBar(c));
+      if (!this.children) this.children = new TaskTable($("#children"), { parent: task.id });
+    }
+
+    renderEnv(task) {
+      const env = Object.entries(task.env || {}).sort(([a], [b]) => a.localeCompare(b));
+      $("#env-card").hidden = !env.length;
+      replaceKids(
+        $("#env tbody"),
+        env.map(([k, v]) => h("tr", {}, h("th", { class: "mono" }, k), h("td", { class: "mono" }, v))),
+      );
+    }
+
+    async act(verb) {
+      const t = this.task;
+      if (verb === "cancel" && !confirm(`Cancel task ${t.id}${t.children.total ? " and all its children" : ""}?`)) return;
+      const btn = $("#" + verb);
+      btn.disabled = true;
+      this.fail("");
+      try {
+        await api(`${taskPath(this.id)}/${verb}`, { method: "POST" });
+      } catch (err) {
+        this.fail(`Could not ${verb}: ${err.message}`);
+      } finally {
+        btn.disabled = false;
+      }
+      if (verb === "retry") this.logs.setAttempt("");
+      this.poller.restart();
+    }
+  }
+
+  function props(rows) {
+    return rows
+      .filter(([, v]) => v !== null && v !== undefined && v !== "")
+      .flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]);
+  }
+
+  function detailRows(t) {
+    const labels = Object.entries(t.labels || {});
+    return [
+      ["ID", h("span", { class: "mono" }, t.id)],
+      ["Name", t.name],
+      ["Command", t.command && t.command.length ? h("code", { class: "command" }, commandLine(t.command)) : h("span", { class: "muted" }, "none (a parent of shards)")],
+      ["Pool", link("/pools", t.pool)],
+      ["Labels", labels.length ? labels.map(([k, v]) => link("/?label=" + encodeURIComponent(`${k}=${v}`), `${k}=${v}`, "chip")) : null],
+      ["Directory", t.cwd ? h("code", {}, t.cwd) : null],
+      ["Parent", t.parent_id ? link(taskPath(t.parent_id), t.parent_id, "mono") : null],
+      ["Shard", t.shard_id !== null && t.shard_id !== undefined ? `${t.shard_id} of ${t.total_shards}` : null],
+      ["Shards", t.total_shards && t.shard_id === null ? `${t.total_shards}${t.gang ? " (gang)" : ""}` : null],
+      ["Priority", t.priority ? String(t.priority) : null],
+      ["Timeout", t.timeout_s ? fmtDuration(t.timeout_s * 1000) : null],
+    ];
+  }
+
+  function timingRows(t) {
+    const at = (iso) => (iso ? h("span", {}, fmtTime(ms(iso)), " ", h("span", { class: "muted" }, "(", timeAgo(iso), ")")) : null);
+    return [
+      ["Created", at(t.created_at)],
+      ["Started", at(t.started_at)],
+      ["Finished", at(t.finished_at)],
+      ["Resolved", at(t.resolved_at)],
+      ["Duration", t.started_at ? durationEl(t) : null],
+      ["Exit code", t.exit_code !== null && t.exit_code !== undefined ? h("span", { class: t.exit_code ? "bad mono" : "mono" }, String(t.exit_code)) : null],
+      ["Signal", t.signal ? h("span", { class: "bad mono" }, String(t.signal)) : null],
+      ["Reason", t.reason ? h("span", { class: "bad" }, t.reason) : null],
+      ["Attempt", `${t.attempt} of ${1 + (t.retries || 0)}${t.attempt > 1 + (t.retries || 0) ? " (retried by hand)" : ""}`],
+    ];
+  }
+
+  function attemptsTable(t) {
+    const attempts = t.attempts || [];
+    if (attempts.length < 2) return null;
+    const outcome = (a) => a.reason ? `${a.reason}${a.exit_code !== null ? " " + a.exit_code : ""}${a.signal ? " signal " + a.signal : ""}` : a.finished_at ? "ok" : "";
+    return h(
+      "table",
+      { class: "grid attempts" },
+      h("thead", {}, h("tr", {}, ["#", "Started", "Ended", "Outcome"].map((x) => h("th", {}, x)))),
+      h("tbody", {}, attempts.map((a) => h("tr", {}, h("td", {}, String(a.attempt)), h("td", {}, timeAgo(a.started_at)), h("td", {}, timeAgo(a.finished_at)), h("td", {}, outcome(a))))),
+    );
+  }
+
+  // ---- pools page --------------------------------------------------------------------------
+
+  const UNITS = { cpus: ["CPU", "CPUs"], gpus: ["GPU", "GPUs"], memory_mb: ["MB", "MB"] };
+
+  function resourcesText(r) {
+    return Object.entries(r || {})
+      .filter(([, v]) => v)
+      .map(([k, v]) => `${v} ${(UNITS[k] || [k, k])[v === 1 ? 0 : 1]}`)
+      .join(", ");
+  }
+
+  async function loadPools() {
+    const { pools } = await getJSON("/pools");
+    const rows = pools.map((p) => {
+      const cap = p.capacity === null || p.capacity === undefined ? null : p.capacity;
+      const use = cap ? h("div", { class: "progress" }, h("div", { class: "bar" }, h("span", { class: "seg run", style: { width: Math.min(100, (100 * p.running) / cap) + "%" } }))) : null;
+      return h(
+        "tr",
+        { "data-pool": p.name },
+        h("td", {}, h("strong", {}, p.name), p.error ? h("div", { class: "bad small" }, p.error) : null),
+        h("td", {}, h("span", { class: "chip" }, p.engine)),
+        h("td", {}, resourcesText(p.resources)),
+        h("td", { class: "num" }, cap === null ? "no limit" : String(cap)),
+        h("td", { class: "num" }, String(p.running)),
+        h("td", { class: "num" }, String(p.queued)),
+        h("td", { class: "c-use" }, use),
+      );
+    });
+    replaceKids($("#pools tbody"), rows);
+    setText($("#pools-note"), pools.length ? "" : "No pools configured.");
+  }
+
+  // ---- start -------------------------------------------------------------------------------
+
+  function start() {
+    const page = document.body.dataset.page;
+    for (const a of document.querySelectorAll("[data-nav]")) {
+      if (a.dataset.nav === page || (page === "task" && a.dataset.nav === "list")) a.classList.add("active");
+    }
+    if (page === "list") new TaskTable($("#tasks"), { syncUrl: true });
+    else if (page === "task") new TaskPage();
+    else if (page === "pools") new Poller(loadPools, 2000);
+    if (page !== "login") setInterval(tickClocks, 1000);
+  }
+
+  start();
+})();

@@ -1,0 +1,60 @@
+"""A minimal HTTP/1.0 client over a socket, for the command-line tools.
+
+`http.client` pulls in the `email` package and costs more than the whole start-up budget of
+`vbatch`; this needs only `socket`. HTTP/1.0 keeps it simple: one request per connection, and a
+streamed body simply runs until the server closes it.
+"""
+
+from __future__ import annotations
+
+import socket
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import BinaryIO
+
+
+class Response:
+    def __init__(self, sock: socket.socket, timeout: float | None) -> None:
+        self._sock = sock
+        self.body: BinaryIO = sock.makefile("rb")
+        status_line = self.body.readline()
+        parts = status_line.split(None, 2)
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise OSError(f"not an HTTP response: {status_line[:80]!r}")
+        self.status = int(parts[1])
+        self.headers: dict[str, str] = {}
+        while True:
+            line = self.body.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        sock.settimeout(timeout)
+
+    def read(self, size: int = -1) -> bytes:
+        return self.body.read(size)
+
+    def readline(self) -> bytes:
+        return self.body.readline()
+
+    def close(self) -> None:
+        self.body.close()
+        self._sock.close()
+
+
+def request(
+    host: str, port: int, method: str, path: str, headers: dict[str, str],
+    body: bytes | None = None, timeout: float | None = 60.0,
+) -> Response:
+    sock = socket.create_connection((host, port), timeout=10 if timeout is None else timeout)
+    try:
+        head = [f"{method} {path} HTTP/1.0", f"Host: {host}:{port}"]
+        head += [f"{k}: {v}" for k, v in headers.items()]
+        if body is not None:
+            head.append(f"Content-Length: {len(body)}")
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b""))
+        return Response(sock, timeout)
+    except BaseException:
+        sock.close()
+        raise
