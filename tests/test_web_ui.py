@@ -76,9 +76,7 @@ def test_the_login_form_takes_only_the_server_token(client: TestClient, auth: Au
 
 
 @pytest.mark.parametrize("target", ["//evil.example/", "https://evil.example/", "/\\evil", ""])
-def test_login_goes_back_only_to_a_local_page(
-    client: TestClient, auth: Auth, target: str
-) -> None:
+def test_login_goes_back_only_to_a_local_page(client: TestClient, auth: Auth, target: str) -> None:
     response = client.get(f"/login?code={auth.new_login_code()}&next={target}")
     assert response.headers["location"] == "/"
 
@@ -99,9 +97,7 @@ def test_pages_are_static_shells_with_a_strict_policy(client: TestClient) -> Non
 
 
 def cli(server: Any, *argv: str, cwd: Path | None = None) -> str:
-    done = subprocess.run(
-        argv, env=server.env, cwd=cwd, capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run(argv, env=server.env, cwd=cwd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, f"{argv}: {done.stderr}"
     return done.stdout.strip()
 
@@ -122,9 +118,7 @@ def badge(page: Page, scope: str = "#task-status") -> Any:
 
 
 @pytest.mark.browser
-def test_without_a_token_the_api_refuses_and_pages_ask_to_sign_in(
-    page: Page, server: Any
-) -> None:
+def test_without_a_token_the_api_refuses_and_pages_ask_to_sign_in(page: Page, server: Any) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(server.url + "/api/v1/tasks")
     assert refused.value.code == 401
@@ -139,51 +133,6 @@ def test_without_a_token_the_api_refuses_and_pages_ask_to_sign_in(
     page.click("button[type=submit]")
     expect(page).to_have_url(server.url + "/pools")
     expect(page.locator("#pools tr[data-pool=shell]")).to_contain_text("local")
-
-
-@pytest.mark.browser
-def test_a_pipeline_in_the_list_and_on_its_pages(
-    signed_in: Page, server: Any, tmp_path: Path
-) -> None:
-    page = signed_in
-    pipeline = unique("pipeline")
-    (tmp_path / "fan.sh").write_text(
-        "for i in $(seq 1 12); do\n"
-        '  code=0; [ "$i" = 7 ] && code=1\n'
-        '  vbatch -q -n "part-$i" -l stage=process python3 -c '
-        '"import sys,time; time.sleep(0.05 * $i); print(\'part $i done\'); sys.exit($code)"\n'
-        "done\n"
-    )
-    parent = cli(server, "vbatch", "-q", "-n", pipeline, "-l", "team=ml", "bash", "fan.sh",
-                 cwd=tmp_path)
-    report = cli(server, "vbatch", "-q", "-n", "report", "--after-success", pipeline,
-                 "echo", "report", cwd=tmp_path)
-    cli(server, "vbatch", "-q", "-n", "train", "sleep", "30", cwd=tmp_path)
-
-    row = page.locator(f"tr[data-id='{parent}']")
-    expect(row).to_contain_text(pipeline)
-    expect(row.locator(".progress .count")).to_have_text("12/12 · 1 failed", timeout=30_000)
-    expect(row.locator(".badge")).to_have_attribute("data-status", "FAILURE")
-    expect(page.locator(f"tr[data-id='{report}'] .badge")).to_have_text("Failed upstream")
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "task-list.png"))
-
-    row.locator(".c-name a").click()
-    expect(page).to_have_url(f"{server.url}/tasks/{parent}")
-    expect(page.locator("#task-title")).to_have_text(pipeline)
-    expect(page.locator("#details")).to_contain_text("bash fan.sh")
-    expect(page.locator("#details")).to_contain_text("team=ml")
-    expect(page.locator("#deps")).to_contain_text(f"{report} report")
-    expect(page.locator("#children tbody tr")).to_have_count(12)
-    expect(page.locator("#children-summary")).to_contain_text("11 succeeded, 1 failed")
-    page.screenshot(path=str(SCREENSHOTS / "task-page.png"), full_page=True)
-
-    page.locator("#children tr", has_text="part-7").locator(".c-name a").click()
-    expect(page.locator("#crumbs")).to_have_text(re.compile(f"Tasks.*{pipeline}.*part-7"))
-    expect(page.locator("#timing")).to_contain_text("Exit code1")
-    expect(page.locator("#log")).to_have_text("part 7 done\n")
-    page.locator("#crumbs a", has_text=pipeline).click()
-    expect(page).to_have_url(f"{server.url}/tasks/{parent}")
 
 
 @pytest.mark.browser
@@ -216,7 +165,7 @@ def test_a_running_task_logs_live_and_is_cancelled_from_its_page(
     expect(log).to_have_text("warming up\n")
     page.click("[data-view=stdout]")
     expect(log).to_have_text("started\nping\n")
-    raw = page.request.get(page.locator("#raw-stdout").get_attribute("href") or "")
+    raw = page.request.get(server.url + (page.locator("#raw-stdout").get_attribute("href") or ""))
     assert raw.text() == "started\nping\n"
 
     page.once("dialog", lambda dialog: dialog.accept())
@@ -276,3 +225,60 @@ def test_the_list_filters_and_updates_without_a_reload(signed_in: Page, server: 
     page.press("#tasks input[aria-label=Label]", "Enter")
     expect(rows).to_have_count(1)
     expect(rows.first).to_have_attribute("data-id", good)
+
+
+@pytest.mark.browser
+def test_a_pipeline_in_the_list_and_on_its_pages(
+    signed_in: Page, server: Any, tmp_path: Path
+) -> None:
+    page = signed_in
+    pipeline = unique("pipeline")
+    (tmp_path / "fan.sh").write_text(
+        "for i in $(seq 1 12); do\n"
+        '  code=0; [ "$i" = 7 ] && code=1\n'
+        '  vbatch -q -n "part-$i" -l stage=process python3 -c '
+        "\"import sys,time; time.sleep(0.05 * $i); print('part $i done'); sys.exit($code)\"\n"
+        "done\n"
+    )
+    parent = cli(
+        server, "vbatch", "-q", "-n", pipeline, "-l", "team=ml", "bash", "fan.sh", cwd=tmp_path
+    )
+    report = cli(
+        server,
+        "vbatch",
+        "-q",
+        "-n",
+        "report",
+        "--after-success",
+        pipeline,
+        "echo",
+        "report",
+        cwd=tmp_path,
+    )
+    train = cli(server, "vbatch", "-q", "-n", "train", "sleep", "60", cwd=tmp_path)
+
+    row = page.locator(f"tr[data-id='{parent}']")
+    expect(row).to_contain_text(pipeline)
+    expect(row.locator(".progress .count")).to_have_text("12/12 · 1 failed", timeout=30_000)
+    expect(row.locator(".badge")).to_have_attribute("data-status", "FAILURE")
+    expect(page.locator(f"tr[data-id='{report}'] .badge")).to_have_text("Failed upstream")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "task-list.png"))
+
+    row.locator(".c-name a").click()
+    expect(page).to_have_url(f"{server.url}/tasks/{parent}")
+    expect(page.locator("#task-title")).to_have_text(pipeline)
+    expect(page.locator("#details")).to_contain_text("bash fan.sh")
+    expect(page.locator("#details")).to_contain_text("team=ml")
+    expect(page.locator("#deps")).to_contain_text(f"{report} report")
+    expect(page.locator("#children tbody tr")).to_have_count(12)
+    expect(page.locator("#children-summary")).to_contain_text("11 succeeded, 1 failed")
+    page.screenshot(path=str(SCREENSHOTS / "task-page.png"), full_page=True)
+
+    page.locator("#children tr", has_text="part-7").locator(".c-name a").click()
+    expect(page.locator("#crumbs")).to_have_text(re.compile(f"Tasks.*{pipeline}.*part-7"))
+    expect(page.locator("#timing")).to_contain_text("Exit code1")
+    expect(page.locator("#log")).to_have_text("part 7 done\n")
+    page.locator("#crumbs a", has_text=pipeline).click()
+    expect(page).to_have_url(f"{server.url}/tasks/{parent}")
+    cli(server, "velda", "task", "cancel", train)

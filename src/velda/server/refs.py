@@ -13,10 +13,12 @@ class Resolver:
 
     def resolve(self, ref: str, scope: int | None, field: str = "ref") -> Task:
         """An ID (digits), else the newest task of that exact name among the children of
-        `scope` (the top level when None), else a path `a/b/c` walked from there."""
+        `scope` (the top level when None), else a path `a/b/c` walked from there. Names may
+        hold `/` themselves (`pipeline/data/a.csv`): at each level the longest name that
+        leads to a match wins."""
         task = self._by_id(ref, scope) or self.store.newest_named(scope, ref)
         if task is None and "/" in ref:
-            task = self._walk(ref.split("/"), scope)
+            task = self._walk(ref, scope, first=True)
         if task is None:
             where = "at the top level" if scope is None else f"among the children of {scope}"
             raise BadRequest(f"no task named '{ref}' {where}", field, status=404)
@@ -30,17 +32,20 @@ class Resolver:
             raise BadRequest(f"task {ref} is outside this task's subtree", "ref", status=403)
         return task
 
-    def _walk(self, parts: list[str], scope: int | None) -> Task | None:
-        task: Task | None = None
-        for i, part in enumerate(parts):
-            if i == 0:
-                task = self._by_id(part, scope) or self.store.newest_named(scope, part)
-            else:
-                assert task is not None
-                task = self.store.newest_named(task.id, part)
-            if task is None:
-                return None
-        return task
+    def _walk(self, path: str, scope: int | None, first: bool = False) -> Task | None:
+        cuts = [i for i, c in enumerate(path) if c == "/"] + [len(path)]
+        for cut in reversed(cuts):
+            name, rest = path[:cut], path[cut + 1 :]
+            step = self._by_id(name, scope) if first else None
+            step = step or self.store.newest_named(scope, name)
+            if step is None:
+                continue
+            if cut == len(path):
+                return step
+            found = self._walk(rest, step.id)
+            if found is not None:
+                return found
+        return None
 
     def within(self, task: Task, root: int) -> bool:
         """Is task `root` itself or one of its descendants?"""

@@ -1,0 +1,39 @@
+"""Shared fixtures. End-to-end tests drive the installed commands against a real server that
+runs in a temporary VELDA_HOME; see velda_cli.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from velda_cli import Velda
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "examples" / "ml-pipeline"
+
+
+@pytest.fixture
+def velda(tmp_path: Path) -> Iterator[Velda]:
+    """A private velda: its own home, its own server (started by the first command)."""
+    v = Velda(tmp_path / "home", tmp_path / "work")
+    try:
+        yield v
+    finally:
+        v.shutdown()
+
+
+@pytest.fixture
+def example(tmp_path: Path, velda: Velda) -> Path:
+    """A writable copy of the example pipeline, with its velda.toml in force."""
+    if not EXAMPLES.is_dir():
+        pytest.skip(f"the example pipelines are not at {EXAMPLES}")
+    import shutil
+
+    dest = tmp_path / "ml-pipeline"
+    shutil.copytree(EXAMPLES, dest)
+    for path in [dest, *dest.iterdir()]:
+        path.chmod(path.stat().st_mode | 0o200)
+    velda.env["VELDA_CONFIG"] = str(dest / "velda.toml")
+    velda.cwd = dest
+    return dest

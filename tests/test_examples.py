@@ -1,0 +1,101 @@
+"""The example pipelines run unchanged, and do what their comments say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from velda_cli import Velda
+
+
+def parse_time(ts: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+def make_data(velda: Velda, n: int = 8) -> None:
+    velda.run("python", "make_data.py", str(n), check=True)
+
+
+def test_linear_chains_process_train_eval(velda: Velda, example: Path) -> None:
+    make_data(velda)
+    ids = velda.run("./linear.sh", check=True).stdout.split()
+    assert len(ids) == 3
+    process, train, evaluate = (velda.wait(i) for i in ids)
+    assert [t["status"] for t in (process, train, evaluate)] == ["SUCCESS"] * 3
+    assert parse_time(train["started_at"]) >= parse_time(process["finished_at"])
+    assert parse_time(evaluate["started_at"]) >= parse_time(train["finished_at"])
+    assert train["depends_on"] == [{"id": process["id"], "kind": "success"}]
+    assert "evaluation passed" in velda.log(evaluate["id"]).stdout
+    a, b = (float(v) for v in (example / "model.txt").read_text().split())
+    assert abs(a - 3) < 0.1 and abs(b - 2) < 0.3
+
+
+def test_fanout_one_child_per_file_under_one_parent(velda: Velda, example: Path) -> None:
+    make_data(velda, 6)
+    parent_id = velda.run("./fanout.sh", check=True).stdout.strip()
+    parent = velda.wait(parent_id)
+    assert parent["status"] == "SUCCESS"
+    children = velda.children(parent_id)
+    assert sorted(c["name"] for c in children) == [f"data/part-{i:02d}.csv" for i in range(6)]
+    assert all(c["status"] == "SUCCESS" and c["pool"] == "cpu-1" for c in children)
+    assert parent["children"] == {
+        "total": 6, "succeeded": 6, "failed": 0, "running": 0, "queued": 0
+    }
+    assert parse_time(parent["resolved_at"]) >= max(
+        parse_time(c["resolved_at"]) for c in children
+    )
+    assert sorted(p.name for p in (example / "clean").iterdir()) == [
+        f"part-{i:02d}.csv" for i in range(6)
+    ]
+    # each child's stdout and stderr are kept apart
+    first = velda.log(f"{parent_id}/data/part-00.csv")
+    assert first.stdout == "part-00.csv: kept 200, dropped 1\n"
+    assert first.stderr == "part-00.csv: dropped 1 bad rows\n"
+
+
+def test_fanout_chunked_makes_ceil_n_over_5_children(velda: Velda, example: Path) -> None:
+    make_data(velda, 12)
+    parent_id = velda.run("./fanout_chunked.sh", check=True).stdout.strip()
+    assert velda.wait(parent_id)["status"] == "SUCCESS"
+    children = velda.children(parent_id)
+    assert len(children) == 3
+    assert [len(c["command"]) - 2 for c in children] == [5, 5, 2]
+    assert len(list((example / "clean").iterdir())) == 12
+
+
+def test_pipeline_train_waits_for_every_grandchild(velda: Velda, example: Path) -> None:
+    make_data(velda, 6)
+    preprocess_id, train_id, eval_id = velda.run("./pipeline.sh", check=True).stdout.split()
+    evaluate = velda.wait(eval_id, timeout=120)
+    assert evaluate["status"] == "SUCCESS"
+    preprocess, train = velda.get(preprocess_id), velda.get(train_id)
+    grandchildren = velda.children(preprocess_id)
+    assert len(grandchildren) == 6 and all(c["status"] == "SUCCESS" for c in grandchildren)
+    assert all(c["pool"] == "cpu-1" for c in grandchildren)
+    latest = max(parse_time(c["resolved_at"]) for c in grandchildren)
+    assert parse_time(train["started_at"]) >= latest
+    assert parse_time(train["started_at"]) >= parse_time(preprocess["resolved_at"])
+
+
+def test_recursive_two_levels(velda: Velda, example: Path) -> None:
+    make_data(velda, 4)
+    _, _, eval_id = velda.run("./pipeline.sh", check=True).stdout.split()
+    assert velda.wait(eval_id, timeout=120)["status"] == "SUCCESS"
+    root_id = velda.run("./recursive.sh", check=True).stdout.strip()
+    root = velda.wait(root_id, timeout=120)
+    assert root["status"] == "SUCCESS"
+    files = velda.children(root_id)
+    assert len(files) == 4
+    for child in files:
+        steps = velda.children(child["id"])
+        assert [s["name"] for s in steps] == ["inference", None]
+        inference, evaluation = steps
+        assert evaluation["depends_on"] == [{"id": inference["id"], "kind": "success"}]
+        assert all(s["status"] == "SUCCESS" for s in steps)
+        assert "MAE" in velda.log(evaluation["id"]).stdout
+    assert sorted(p.name for p in (example / "eval").iterdir()) == [
+        f"part-{i:02d}.csv.txt" for i in range(4)
+    ]
+    inference = velda.get(f"{root_id}/data/part-00.csv/inference")
+    assert inference["pool"] == "gpu-1"

@@ -1,0 +1,112 @@
+"""Driving the real velda commands from tests, as a user would in a shell."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+FINAL = {"SUCCESS", "FAILURE", "FAILED_UPSTREAM", "SKIPPED", "CANCELLED"}
+
+
+class Velda:
+    def __init__(self, home: Path, cwd: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        cwd.mkdir(parents=True, exist_ok=True)
+        self.home, self.cwd = home, cwd
+        self.env = {
+            k: v for k, v in os.environ.items()
+            if not k.startswith("VELDA_") and k not in ("PYTEST_CURRENT_TEST",)
+        }
+        self.env.update(VELDA_HOME=str(home), VELDA_PORT="0", PYTHONUNBUFFERED="1")
+        self.env["PATH"] = f"{BIN}{os.pathsep}{self.env.get('PATH', '')}"
+
+    # --- running commands
+
+    def run(
+        self, *argv: str, check: bool = False, timeout: float = 120, cwd: Path | None = None,
+        input: str | None = None, env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            list(argv), cwd=cwd or self.cwd, env={**self.env, **(env or {})}, text=True,
+            capture_output=True, timeout=timeout, input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"{argv} exited {result.returncode}\nstdout: {result.stdout}\n"
+                f"stderr: {result.stderr}"
+            )
+        return result
+
+    def sh(self, script: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return self.run("bash", "-c", script, **kwargs)
+
+    def vbatch(self, *argv: str) -> str:
+        """Submit and return the task ID (vbatch prints only the ID on stdout)."""
+        return self.run("vbatch", *argv, check=True).stdout.strip()
+
+    def get(self, ref: str) -> dict[str, Any]:
+        return json.loads(self.run("velda", "task", "get", ref, "-o", "json", check=True).stdout)
+
+    def children(self, ref: str) -> list[dict[str, Any]]:
+        out = self.run("velda", "task", "list", ref, "-a", "-o", "json", check=True).stdout
+        return json.loads(out)["tasks"]  # type: ignore[no-any-return]
+
+    def wait(self, ref: str, timeout: float = 60, until: set[str] | None = None) -> dict[str, Any]:
+        """Poll until the task reaches one of `until` (default: any final state)."""
+        until = until or FINAL
+        deadline = time.monotonic() + timeout
+        task = self.get(ref)
+        while task["status"] not in until:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"task {ref} still {task['status']} after {timeout}s")
+            time.sleep(0.1)
+            task = self.get(ref)
+        return task
+
+    def log(self, ref: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return self.run("velda", "task", "log", ref, *extra, check=True)
+
+    # --- the server
+
+    def server_pid(self) -> int | None:
+        try:
+            return int(json.loads((self.home / "server.json").read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def kill_server(self) -> None:
+        pid = self.server_pid()
+        assert pid is not None, "no server is running"
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
+
+    def shutdown(self) -> None:
+        """Stop the server and anything its tasks left running."""
+        pid = self.server_pid()
+        if pid is not None:
+            self.run("velda", "server", "stop", timeout=30)
+        logs = self.home / "logs"
+        for pid_file in logs.glob("*/*/pid") if logs.is_dir() else []:
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+
+
+def _wait_gone(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} did not go away")
