@@ -6,22 +6,22 @@ the result in the page: a pipeline's progress, a task's live log, cancel and ret
 
 from __future__ import annotations
 
+import json
 import re
-import subprocess
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Locator, Page, expect
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from velda.server import web
 from velda.server.auth import Auth
+from velda_cli import Velda
 
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 TOKEN = "server-token"
@@ -96,51 +96,55 @@ def test_pages_are_static_shells_with_a_strict_policy(client: TestClient) -> Non
 # ---- in the browser, against a real server ---------------------------------------------------
 
 
-def cli(server: Any, *argv: str, cwd: Path | None = None) -> str:
-    done = subprocess.run(argv, env=server.env, cwd=cwd, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, f"{argv}: {done.stderr}"
-    return done.stdout.strip()
-
-
-def unique(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:6]}"
+@pytest.fixture
+def url(velda: Velda) -> str:
+    """The address of the velda fixture's server, started here."""
+    velda.run("velda", "server", "start", check=True)
+    status = velda.run("velda", "server", "status", "-o", "json", check=True).stdout
+    return str(json.loads(status)["url"])
 
 
 @pytest.fixture
-def signed_in(page: Page, server: Any) -> Page:
-    page.goto(cli(server, "velda", "ui", "--print"))
-    expect(page).to_have_url(server.url + "/")
+def signed_in(page: Page, velda: Velda, url: str) -> Page:
+    page.goto(velda.run("velda", "ui", "--print", check=True).stdout.strip())
+    expect(page).to_have_url(url + "/")
     return page
 
 
-def badge(page: Page, scope: str = "#task-status") -> Any:
-    return page.locator(f"{scope} .badge")
+def badge(page: Page) -> Locator:
+    return page.locator("#task-status .badge")
+
+
+def accept_next_dialog(page: Page) -> None:
+    page.once("dialog", lambda dialog: dialog.accept())
 
 
 @pytest.mark.browser
-def test_without_a_token_the_api_refuses_and_pages_ask_to_sign_in(page: Page, server: Any) -> None:
+def test_without_a_token_the_api_refuses_and_pages_ask_to_sign_in(
+    page: Page, velda: Velda, url: str
+) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(server.url + "/api/v1/tasks")
+        urllib.request.urlopen(url + "/api/v1/tasks")
     assert refused.value.code == 401
 
-    page.goto(server.url + "/pools")
+    page.goto(url + "/pools")
     expect(page).to_have_url(re.compile(r"/login\?next=%2Fpools$"))
     page.fill("#token", "not-the-token")
     page.click("button[type=submit]")
     expect(page.locator(".login .error")).to_have_text("That is not the server token.")
 
-    page.fill("#token", (Path(server.env["VELDA_HOME"]) / "token").read_text().strip())
+    page.fill("#token", (velda.home / "token").read_text().strip())
     page.click("button[type=submit]")
-    expect(page).to_have_url(server.url + "/pools")
+    expect(page).to_have_url(url + "/pools")
     expect(page.locator("#pools tr[data-pool=shell]")).to_contain_text("local")
 
 
 @pytest.mark.browser
 def test_a_running_task_logs_live_and_is_cancelled_from_its_page(
-    signed_in: Page, server: Any, tmp_path: Path
+    signed_in: Page, velda: Velda, url: str
 ) -> None:
     page = signed_in
-    go = tmp_path / "go"
+    go = velda.cwd / "go"
     script = (
         "import os, sys, time\n"
         "print('started', flush=True)\n"
@@ -149,8 +153,8 @@ def test_a_running_task_logs_live_and_is_cancelled_from_its_page(
         "print('ping', flush=True)\n"
         "time.sleep(300)\n"
     )
-    task = cli(server, "vbatch", "-q", "-n", unique("ticker"), "python3", "-c", script)
-    page.goto(f"{server.url}/tasks/{task}")
+    task = velda.vbatch("-q", "-n", "ticker", "python3", "-c", script)
+    page.goto(f"{url}/tasks/{task}")
     expect(badge(page)).to_have_attribute("data-status", "RUNNING")
     log = page.locator("#log")
     expect(log).to_contain_text("started")
@@ -165,29 +169,30 @@ def test_a_running_task_logs_live_and_is_cancelled_from_its_page(
     expect(log).to_have_text("warming up\n")
     page.click("[data-view=stdout]")
     expect(log).to_have_text("started\nping\n")
-    raw = page.request.get(server.url + (page.locator("#raw-stdout").get_attribute("href") or ""))
+    raw = page.request.get(url + (page.locator("#raw-stdout").get_attribute("href") or ""))
     assert raw.text() == "started\nping\n"
 
-    page.once("dialog", lambda dialog: dialog.accept())
+    accept_next_dialog(page)
     page.click("#cancel")
     expect(badge(page)).to_have_attribute("data-status", "CANCELLED", timeout=15_000)
     expect(page.locator("#cancel")).to_be_hidden()
     expect(page.locator("#timing")).to_contain_text("Reasoncancelled")
 
     page.click("#retry")
+    expect(page.locator("#task-error")).to_be_hidden()
     expect(page.locator("#timing")).to_contain_text("Attempt2 of 1")
     expect(badge(page)).to_have_attribute("data-status", "RUNNING")
     expect(page.locator("#attempt")).to_be_visible()
-    page.once("dialog", lambda dialog: dialog.accept())
+    accept_next_dialog(page)
     page.click("#cancel")
     expect(badge(page)).to_have_attribute("data-status", "CANCELLED", timeout=15_000)
 
 
 @pytest.mark.browser
-def test_a_large_fan_out_is_browsed_page_by_page(signed_in: Page, server: Any) -> None:
+def test_a_large_fan_out_is_browsed_page_by_page(signed_in: Page, velda: Velda, url: str) -> None:
     page = signed_in
-    parent = cli(server, "vbatch", "-q", "-n", unique("shards"), "-N", "120", "true")
-    page.goto(f"{server.url}/tasks/{parent}")
+    parent = velda.vbatch("-q", "-n", "shards", "-N", "120", "true")
+    page.goto(f"{url}/tasks/{parent}")
     expect(badge(page)).to_have_attribute("data-status", "SUCCESS", timeout=60_000)
     rows = page.locator("#children tbody tr")
     pager = page.locator("#children .pager")
@@ -204,81 +209,68 @@ def test_a_large_fan_out_is_browsed_page_by_page(signed_in: Page, server: Any) -
 
 
 @pytest.mark.browser
-def test_the_list_filters_and_updates_without_a_reload(signed_in: Page, server: Any) -> None:
+def test_the_list_filters_and_updates_without_a_reload(signed_in: Page, velda: Velda) -> None:
     page = signed_in
-    tag = uuid.uuid4().hex[:6]
-    good = cli(server, "vbatch", "-q", "-n", f"good-{tag}", "-l", f"run={tag}", "true")
-    bad = cli(server, "vbatch", "-q", "-n", f"bad-{tag}", "false")
+    good = velda.vbatch("-q", "-n", "good-one", "-l", "run=7", "true")
+    bad = velda.vbatch("-q", "-n", "bad-one", "false")
+    velda.vbatch("-q", "-n", "other", "true")
     rows = page.locator("#tasks tbody tr")
-    expect(page.locator(f"tr[data-id='{bad}']")).to_be_visible()  # appeared by itself
+    expect(rows).to_have_count(3)  # they appeared by themselves
 
-    page.fill("#tasks input[type=search]", tag)
+    page.fill("#tasks input[type=search]", "-one")
     expect(rows).to_have_count(2)
     page.select_option("#tasks select", label="Failed")
     expect(rows).to_have_count(1)
     expect(rows.first).to_have_attribute("data-id", bad)
-    expect(page).to_have_url(re.compile(rf"/\?q={tag}&status=FAILURE%2CFAILED_UPSTREAM$"))
+    expect(page).to_have_url(re.compile(r"/\?q=-one&status=FAILURE%2CFAILED_UPSTREAM$"))
 
     page.select_option("#tasks select", label="All statuses")
     page.fill("#tasks input[type=search]", "")
-    page.fill("#tasks input[aria-label=Label]", f"run={tag}")
+    page.fill("#tasks input[aria-label=Label]", "run=7")
     page.press("#tasks input[aria-label=Label]", "Enter")
     expect(rows).to_have_count(1)
     expect(rows.first).to_have_attribute("data-id", good)
 
 
 @pytest.mark.browser
-def test_a_pipeline_in_the_list_and_on_its_pages(
-    signed_in: Page, server: Any, tmp_path: Path
-) -> None:
+def test_a_pipeline_in_the_list_and_on_its_pages(signed_in: Page, velda: Velda, url: str) -> None:
     page = signed_in
-    pipeline = unique("pipeline")
-    (tmp_path / "fan.sh").write_text(
+    (velda.cwd / "fan.sh").write_text(
         "for i in $(seq 1 12); do\n"
         '  code=0; [ "$i" = 7 ] && code=1\n'
         '  vbatch -q -n "part-$i" -l stage=process python3 -c '
         "\"import sys,time; time.sleep(0.05 * $i); print('part $i done'); sys.exit($code)\"\n"
         "done\n"
     )
-    parent = cli(
-        server, "vbatch", "-q", "-n", pipeline, "-l", "team=ml", "bash", "fan.sh", cwd=tmp_path
-    )
-    report = cli(
-        server,
-        "vbatch",
-        "-q",
-        "-n",
-        "report",
-        "--after-success",
-        pipeline,
-        "echo",
-        "report",
-        cwd=tmp_path,
-    )
-    train = cli(server, "vbatch", "-q", "-n", "train", "sleep", "60", cwd=tmp_path)
+    velda.vbatch("-q", "-n", "lint", "-l", "team=ml", "true")
+    parent = velda.vbatch("-q", "-n", "pipeline", "-l", "team=ml", "bash", "fan.sh")
+    report = velda.vbatch("-q", "-n", "report", "--after-success", "pipeline", "echo", "hi")
+    train = velda.vbatch("-q", "-n", "train", "-P", "cpu-1", "sleep", "60")
 
     row = page.locator(f"tr[data-id='{parent}']")
-    expect(row).to_contain_text(pipeline)
     expect(row.locator(".progress .count")).to_have_text("12/12 · 1 failed", timeout=30_000)
     expect(row.locator(".badge")).to_have_attribute("data-status", "FAILURE")
     expect(page.locator(f"tr[data-id='{report}'] .badge")).to_have_text("Failed upstream")
+    expect(page.locator(f"tr[data-id='{train}'] .badge")).to_have_text("Running")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "task-list.png"))
+    page.set_viewport_size({"width": 1280, "height": 480})
+    page.screenshot(path=str(SCREENSHOTS / "task-list.png"), animations="disabled")
+    page.set_viewport_size({"width": 1280, "height": 860})
 
     row.locator(".c-name a").click()
-    expect(page).to_have_url(f"{server.url}/tasks/{parent}")
-    expect(page.locator("#task-title")).to_have_text(pipeline)
+    expect(page).to_have_url(f"{url}/tasks/{parent}")
+    expect(page.locator("#task-title")).to_have_text("pipeline")
     expect(page.locator("#details")).to_contain_text("bash fan.sh")
     expect(page.locator("#details")).to_contain_text("team=ml")
     expect(page.locator("#deps")).to_contain_text(f"{report} report")
     expect(page.locator("#children tbody tr")).to_have_count(12)
     expect(page.locator("#children-summary")).to_contain_text("11 succeeded, 1 failed")
-    page.screenshot(path=str(SCREENSHOTS / "task-page.png"), full_page=True)
+    page.screenshot(path=str(SCREENSHOTS / "task-page.png"), full_page=True, animations="disabled")
 
     page.locator("#children tr", has_text="part-7").locator(".c-name a").click()
-    expect(page.locator("#crumbs")).to_have_text(re.compile(f"Tasks.*{pipeline}.*part-7"))
+    expect(page.locator("#crumbs")).to_have_text(re.compile("Tasks.*pipeline.*part-7"))
     expect(page.locator("#timing")).to_contain_text("Exit code1")
     expect(page.locator("#log")).to_have_text("part 7 done\n")
-    page.locator("#crumbs a", has_text=pipeline).click()
-    expect(page).to_have_url(f"{server.url}/tasks/{parent}")
-    cli(server, "velda", "task", "cancel", train)
+    page.locator("#crumbs a", has_text="pipeline").click()
+    expect(page).to_have_url(f"{url}/tasks/{parent}")
+    velda.run("velda", "task", "cancel", train, check=True)

@@ -17,7 +17,6 @@ FINAL = {"SUCCESS", "FAILURE", "FAILED_UPSTREAM", "SKIPPED", "CANCELLED"}
 
 class Velda:
     def __init__(self, home: Path, cwd: Path) -> None:
-        home.mkdir(parents=True, exist_ok=True)
         cwd.mkdir(parents=True, exist_ok=True)
         self.home, self.cwd = home, cwd
         self.env = {
@@ -26,6 +25,13 @@ class Velda:
         }
         self.env.update(VELDA_HOME=str(home), VELDA_PORT="0", PYTHONUNBUFFERED="1")
         self.env["PATH"] = f"{BIN}{os.pathsep}{self.env.get('PATH', '')}"
+
+    def configure(self, toml: str) -> Path:
+        """Pools and capacity for the next server start (SPEC §5)."""
+        path = self.cwd / "velda.toml"
+        path.write_text(toml)
+        self.env["VELDA_CONFIG"] = str(path)
+        return path
 
     # --- running commands
 

@@ -31,8 +31,16 @@ class Follower(threading.Thread):
         self.streams, self.attempt = streams, attempt
         self.final: dict[str, Any] | None = None
         self.error: VeldaError | None = None
+        # Thread.join() interrupted by Ctrl-C can leave is_alive() wrong; an Event cannot.
+        self.done = threading.Event()
 
     def run(self) -> None:
+        try:
+            self._follow()
+        finally:
+            self.done.set()
+
+    def _follow(self) -> None:
         outputs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
         last: dict[str, Any] | None = None
         try:
@@ -62,9 +70,9 @@ def wait_for(follower: Follower, on_interrupt: Callable[[int], bool]) -> int:
     which returns True to stop waiting (detach)."""
     interrupts = 0
     follower.start()
-    while follower.is_alive():
+    while not follower.done.is_set():
         try:
-            follower.join(0.2)
+            follower.done.wait(0.2)
         except KeyboardInterrupt:
             interrupts += 1
             if on_interrupt(interrupts):

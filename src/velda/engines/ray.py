@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -342,8 +343,7 @@ def bridge_main() -> None:
     events = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # whatever Ray prints must not mix with the events
     try:
-        import ray
-
+        ray: Any = importlib.import_module("ray")
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
                  namespace="velda")
     except BaseException as e:  # noqa: B036 - any failure to connect is reported, then exit
@@ -545,7 +545,7 @@ def _run_attempt(
     argv: list[str], cwd: str, env: dict[str, str], upload: bool
 ) -> Iterator[tuple[str, Any]]:
     """Yields ("start", info), then ("stdout"|"stderr", bytes) chunks, then ("exit", status)."""
-    import ray
+    ray: Any = importlib.import_module("ray")
 
     node_ip = ray.util.get_node_ip_address()
     if upload:

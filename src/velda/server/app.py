@@ -157,6 +157,8 @@ class Api:
             raise BadRequest("stream: must be stdout or stderr", "stream")
         attempt = _opt_int(q.get("attempt"), "attempt") or max(task.attempt, 1)
         offset = _opt_int(q.get("offset"), "offset") or 0
+        if offset < 0:
+            raise BadRequest("offset: must be 0 or more", "offset")
         follow = q.get("follow") in ("1", "true")
         body = logs.stream_file(self.runtime, task.id, attempt, stream, offset, follow)
         return StreamingResponse(body, media_type="application/octet-stream")

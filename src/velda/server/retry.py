@@ -27,9 +27,10 @@ def reopen(store: SqliteStore, root: Task) -> list[int]:
             continue
         seen.add(task.id)
         to_check += _reopen_one(store, task, work)
-    for task in {store.get(i) for i in seen} - {None}:
-        assert task is not None
-        _reopen_ancestors(store, task)
+    for task_id in seen:
+        reopened = store.get(task_id)
+        if reopened is not None:
+            _reopen_ancestors(store, reopened)
     return to_check
 
 

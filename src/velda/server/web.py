@@ -10,6 +10,7 @@ import hashlib
 import html
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, quote
 
 from starlette.requests import Request
@@ -18,7 +19,9 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from velda.server.auth import SESSION_COOKIE, SESSION_S, Auth
-from velda.server.runtime import Runtime
+
+if TYPE_CHECKING:
+    from velda.server.runtime import Runtime
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 PAGES = {"list": "Tasks", "task": "Task", "pools": "Pools"}
@@ -37,7 +40,10 @@ SECURITY_HEADERS = {
 
 
 def routes(runtime: Runtime, auth: Auth) -> list[BaseRoute]:
-    """The UI's routes, mounted at the root of the server app beside /api/v1."""
+    """The UI's routes, mounted at the root of the server app beside /api/v1.
+
+    The pages need nothing from the runtime: their data comes from the API, in the browser.
+    """
     pages = Pages(auth)
     return [
         Route("/", pages.page("list"), methods=["GET", "HEAD"]),

@@ -209,6 +209,7 @@
 
   function shellQuote(arg) {
     if (arg !== "" && /^[\w@%+=:,./-]+$/.test(arg)) return arg;
+    if (arg.includes("'") && !/["\\$`!]/.test(arg)) return '"' + arg + '"';
     return "'" + arg.replace(/'/g, "'\\''") + "'";
   }
 
