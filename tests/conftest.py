@@ -10,7 +10,8 @@ import pytest
 
 from velda_cli import Velda
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "examples" / "ml-pipeline"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ml-pipeline"
+pytest_plugins = ["browser"]
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ Tests that use it are skipped, saying why, only when Ray is not installed.
         ray_cluster.node2_id     # Ray node ID of the second node
         ray_cluster.kill_node2() # kill -9 its raylet (reaped), then add a fresh second node
 
-`start_cluster(single=True)` starts a throwaway one-node cluster whose head a test may kill
-(`kill_head()`).
+`start_cluster(single=True)` starts a throwaway one-node cluster whose GCS a test may kill
+(`kill_gcs()`: the head is gone for drivers, while the node's work runs on).
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ class RayCluster:
         self.node2_id = self._ask("kill-node2")
         return killed
 
-    def kill_head(self) -> None:
-        """kill -9 the head's GCS server and raylet."""
-        self._ask("kill-head")
+    def kill_gcs(self) -> None:
+        """kill -9 the head's GCS server."""
+        self._ask("kill-gcs")
 
     def stop(self) -> None:
         assert self.proc.stdin is not None
@@ -122,7 +122,7 @@ def _serve(out: IO[str], single: bool) -> None:
     cluster.wait_for_nodes()
     node2_id = node2.node_id if node2 else "-"
     _say(out, f"{cluster.address} {cluster.head_node.node_id} {node2_id}")
-    head_killed = False
+    gcs_killed = False
     try:
         for line in sys.stdin:
             if line.strip() == "kill-node2" and node2 is not None:
@@ -130,13 +130,12 @@ def _serve(out: IO[str], single: bool) -> None:
                 cluster.remove_node(node2, allow_graceful=False)
                 node2 = _add_node2(cluster)
                 _say(out, node2.node_id)
-            elif line.strip() == "kill-head":
+            elif line.strip() == "kill-gcs":
                 cluster.head_node.kill_gcs_server()
-                cluster.head_node.kill_raylet()
-                head_killed = True
+                gcs_killed = True
                 _say(out, "killed")
     finally:
-        _shutdown(cluster, head_killed)
+        _shutdown(cluster, gcs_killed)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -145,8 +144,8 @@ def _say(out: IO[str], text: str) -> None:
     out.flush()
 
 
-def _shutdown(cluster: Any, head_killed: bool) -> None:
-    if not head_killed:
+def _shutdown(cluster: Any, gcs_killed: bool) -> None:
+    if not gcs_killed:
         cluster.shutdown()
         return
     for node in cluster.list_all_nodes():  # a graceful shutdown would wait for the dead GCS

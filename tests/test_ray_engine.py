@@ -377,6 +377,7 @@ def test_a_dead_node_ends_its_task_as_lost(ray: Harness, ray_cluster: RayCluster
 
 
 def test_a_dead_head_fails_running_tasks_with_a_clear_message(tmp_path: Path) -> None:
+    # Only the GCS dies: the node and its work would run on, unseen, if nothing noticed.
     cluster = start_cluster(single=True)
     loop = asyncio.new_event_loop()
     events = Recorder()
@@ -385,12 +386,14 @@ def test_a_dead_head_fails_running_tasks_with_a_clear_message(tmp_path: Path) ->
     engine = RayEngine(pool, events)
     harness = Harness(loop, engine, events, cluster.address)
     try:
-        launch = harness.launch(tmp_path, ["sleep", "1000"])
+        launch = harness.launch(tmp_path, ["sh", "-c", "echo $$; sleep 1000"])
         harness.start(launch)
-        harness.wait_running(launch)
-        cluster.kill_head()
+        harness.wait_output(launch, "\n")
+        pid = int(launch.stdout_path.read_text())
+        cluster.kill_gcs()
         assert harness.wait_exit(launch, 60) == Exit(None, None, Reason.LOST)
         assert "stopped answering" in launch.stderr_path.read_text()
+        harness.wait(lambda: not alive(pid), 10, "the work of a lost cluster killed")
         with pytest.raises(EngineError, match="is not reachable"):
             harness.run(engine.check(pool))
     finally:

@@ -45,8 +45,9 @@ def schedule(queue: list[Request], capacity: Capacity) -> list[Placement]:
        borrows the ancestor's CPUs; this is what keeps orchestrating scripts from deadlocking.
     3. Otherwise a task (or a whole gang) starts if it fits in what is free and not reserved.
     4. A task that does not fit reserves what is free, up to its need, so that a stream of
-       smaller tasks behind it cannot starve it; tasks held back only by their pool's slot
-       limit reserve nothing.
+       smaller tasks behind it cannot starve it. One held back by its pool's slot limit
+       (`capacity` in velda.toml) holds that pool's remaining slots the same way, and takes
+       nothing from other pools.
     """
     placements: list[Placement] = []
     reserved = Resources()
@@ -56,6 +57,8 @@ def schedule(queue: list[Request], capacity: Capacity) -> list[Placement]:
             placements.append(borrowed)
             continue
         if not _slots_left(group, slots):
+            for request in group:
+                slots[request.pool] = 0
             continue
         total = _sum(r.need for r in group)
         room = capacity.free - reserved

@@ -14,10 +14,12 @@ Three places, three processes:
   engine reports its attempts `lost` and starts a new bridge on the next call.
 - On the node, `_run_attempt` (standard library and ray only: it is pickled by value, so
   nodes need no velda install) runs the argv in a new session with pipes for stdout and
-  stderr, and opens a small TCP control port through which the bridge signals the process
-  group (`signal`, `cancel`): Ray's own `cancel` cannot deliver a chosen signal, and with
-  `force=False` it does not interrupt a process wait. A `/bin/sh` guard kills the process
-  group when the worker goes away, even by SIGKILL.
+  stderr, in the submitter's cwd (`workdir = "shared"`) or in a fresh copy of it unpacked
+  from a tarball the bridge put in the object store (`workdir = "upload"`: Ray accepts a
+  local `working_dir` only at job level). It opens a small TCP control port through which
+  the bridge signals the process group (`signal`, `cancel`): Ray's own `cancel` cannot
+  deliver a chosen signal, and with `force=False` it does not interrupt a process wait.
+  A `/bin/sh` guard kills the process group when the worker goes away, even by SIGKILL.
 
 Limits: the server machine must be a Ray node (the driver needs a local raylet; `ray://`
 Ray Client addresses are not supported). Ray work cannot outlive its driver, so `close`
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import io
 import json
 import logging
 import os
@@ -36,6 +39,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +54,8 @@ _BRIDGE_CMD = "from velda.engines.ray import bridge_main; bridge_main()"
 _LINE_LIMIT = 64 * 1024 * 1024  # one start command carries the task's whole environment
 _PROBE_TIMEOUT_S = 2.0
 _WORKDIRS = ("shared", "upload")
+_UPLOAD_LIMIT = 512 * 1024 * 1024  # Ray's own limit for a working_dir
+_UPLOAD_SKIP = frozenset({".git", "__pycache__"})
 
 
 # ---------------------------------------------------------------- engine (server process)
@@ -113,7 +119,7 @@ class RayEngine:
             "op": "start", "key": key, "argv": launch.argv, "cwd": launch.cwd,
             "env": self._task_env(launch), "upload": upload,
             "stdout": str(launch.stdout_path), "stderr": str(launch.stderr_path),
-            "options": ray_options(launch, upload),
+            "options": ray_options(launch),
         })
         if self._bridge is not bridge and key in self._attempts:  # it died before we sent
             self._lost(self._attempts.pop(key), "the pool's Ray driver exited")
@@ -163,7 +169,9 @@ class RayEngine:
         except TimeoutError:
             message = f"no answer from ray.init within {self.connect_timeout_s:g} s"
         if message is not None:
-            await _stop_process(proc)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()  # it may be stuck in ray.init
+            await proc.wait()
             raise EngineError(f"ray cluster at {self.address} is not reachable: {message}")
         bridge = _Bridge(proc)
         bridge.reader = asyncio.create_task(self._read_events(bridge))
@@ -238,7 +246,7 @@ def workdir_of(pool: Pool) -> str:
     return workdir
 
 
-def ray_options(launch: Launch, upload: bool) -> dict[str, Any]:
+def ray_options(launch: Launch) -> dict[str, Any]:
     """What one attempt asks of Ray: the pool's resources, per task."""
     need = launch.pool.resources
     options: dict[str, Any] = {
@@ -249,8 +257,6 @@ def ray_options(launch: Launch, upload: bool) -> dict[str, Any]:
         options["memory"] = need.memory_mb * 1024 * 1024
     if need.custom:
         options["resources"] = dict(need.custom)
-    if upload:
-        options["runtime_env"] = {"working_dir": launch.cwd}
     return options
 
 
@@ -456,8 +462,9 @@ class Bridge:
             **command["options"], "num_returns": "streaming", "max_retries": 0,
             "_generator_backpressure_num_objects": 256,
         }
+        archive = self.ray.put(pack_directory(command["cwd"])) if command["upload"] else None
         return self.remote.options(**options).remote(
-            command["argv"], command["cwd"], command["env"], command["upload"]
+            command["argv"], command["cwd"], command["env"], archive
         )
 
     async def _chunk(self, run: _Run, kind: str, payload: Any) -> None:
@@ -515,6 +522,26 @@ class Bridge:
             await asyncio.wait([asyncio.ensure_future(k) for k in kills], timeout=3)
 
 
+def pack_directory(path: str) -> bytes:
+    """A gzipped tarball of the directory (modes kept, so scripts stay executable)."""
+    total = 0
+
+    def add(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        nonlocal total
+        if Path(info.name).name in _UPLOAD_SKIP:
+            return None
+        total += info.size
+        if total > _UPLOAD_LIMIT:
+            raise ValueError(f"working directory {path} is larger than "
+                             f"{_UPLOAD_LIMIT >> 20} MiB; use workdir = \"shared\"")
+        return info
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=1) as tar:
+        tar.add(path, arcname=".", filter=add)
+    return buffer.getvalue()
+
+
 def _open_log(path: str) -> IO[bytes]:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return open(path, "ab", buffering=0)
@@ -542,14 +569,22 @@ _DRAIN_S = 1.0  # how long the pipes may stay open after the command exits
 
 
 def _run_attempt(
-    argv: list[str], cwd: str, env: dict[str, str], upload: bool
+    argv: list[str], cwd: str, env: dict[str, str], archive: bytes | None
 ) -> Iterator[tuple[str, Any]]:
     """Yields ("start", info), then ("stdout"|"stderr", bytes) chunks, then ("exit", status)."""
-    ray: Any = importlib.import_module("ray")
+    import shutil
 
+    copy = _unpack(archive) if archive is not None else None
+    try:
+        yield from _run_in(argv, copy or cwd, env)
+    finally:
+        if copy is not None:
+            shutil.rmtree(copy, ignore_errors=True)
+
+
+def _run_in(argv: list[str], cwd: str, env: dict[str, str]) -> Iterator[tuple[str, Any]]:
+    ray: Any = importlib.import_module("ray")
     node_ip = ray.util.get_node_ip_address()
-    if upload:
-        cwd = os.getcwd()  # Ray unpacked the working_dir here
     env = _node_env(env, cwd, ray.get_runtime_context().gcs_address)
     proc, error = _spawn(argv, cwd, env, node_ip)
     if proc is None:
@@ -571,6 +606,18 @@ def _run_attempt(
         proc.wait()
 
 
+def _unpack(archive: bytes) -> str:
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="velda-upload-")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(path, filter="data")
+        else:
+            tar.extractall(path)  # Python < 3.11.4 on the node; our own tarball
+    return path
+
+
 def _node_env(env: dict[str, str], cwd: str, gcs_address: str) -> dict[str, str]:
     env = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES")  # set by Ray for tasks that ask for GPUs
@@ -587,6 +634,8 @@ def _spawn(
     """The started process, or None and (message, exit code) like a shell's (126, 127)."""
     if not os.path.isdir(cwd):
         return None, (f"velda: working directory {cwd} does not exist on node {node_ip}\n", 126)
+    # Ray workers block SIGINT; a child inherits the mask, so it would never see a Ctrl-C.
+    mask = signal.pthread_sigmask(signal.SIG_SETMASK, set())
     try:
         proc = subprocess.Popen(
             argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -596,6 +645,8 @@ def _spawn(
         code = 126 if isinstance(e, PermissionError) else 127
         why = e.strerror if isinstance(e, OSError) else str(e)
         return None, (f"velda: cannot run {argv[:1]} on node {node_ip}: {why}\n", code)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return proc, ("", 0)
 
 

@@ -1,0 +1,596 @@
+"""The budgets of SPEC §9, each measured next to a baseline or peer in the same run.
+
+Starts private servers (a temporary VELDA_HOME each, VELDA_PORT=0), stops them at the end and
+kills any task process they leave. Progress goes to stderr, one Markdown table to stdout:
+
+    python bench/budgets.py [--quick] [--only 1,3]
+
+Sections: 1 `vbatch true` wall time; 2 submit-to-start on an idle pool; 3 10,000 trivial tasks
+through the API; 4 100,000 tasks stored (CLI list, API list, server RSS); 5 memory of
+supervising a running task; 6 a task writing 1 GiB to stdout. Uses hyperfine and tsp when
+installed (Debian packages `hyperfine`, `task-spooler`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ui_bench import fill  # bench/ui_bench.py: the same 100,000-task store as the UI bench
+
+from velda.models import FINAL_STATES
+
+BIN = Path(sys.executable).parent
+VELDA, VBATCH, VRUN = (str(BIN / name) for name in ("velda", "vbatch", "vrun"))
+FINAL = {s.value for s in FINAL_STATES}
+FINAL_SQL = ",".join(f"'{s}'" for s in sorted(FINAL))
+MB = 1024 * 1024
+
+
+@dataclass
+class Sizes:
+    cli_runs: int = 100  # §1 vbatch runs
+    idle_tasks: int = 200  # §2
+    flood_tasks: int = 10_000  # §3
+    stored_tasks: int = 100_000  # §4
+    list_runs: int = 20  # §4 velda task list runs
+    sleepers: int = 50  # §5
+    output_bytes: int = 1 << 30  # §6
+    output_runs: int = 3  # §6
+
+
+QUICK = Sizes(30, 50, 2_000, 20_000, 10, 20, 256 * MB, 1)
+
+
+@dataclass
+class Row:
+    what: str
+    velda: str
+    baseline: str
+    budget: str = "—"
+    verdict: str = "—"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def verdict(ok: bool) -> str:
+    return "pass" if ok else "OVER"
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+# --- a private server
+
+
+class Api:
+    """One keep-alive HTTP/1.1 connection to a server, with its token."""
+
+    def __init__(self, server: Server) -> None:
+        self.conn = http.client.HTTPConnection(server.host, server.port, timeout=120)
+        self.headers = {
+            "Authorization": f"Bearer {server.token}",
+            "Content-Type": "application/json",
+        }
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        self.conn.request(method, path, body=data, headers=self.headers)
+        response = self.conn.getresponse()
+        raw = response.read()
+        if response.status >= 400:
+            raise RuntimeError(f"{method} {path}: {response.status} {raw[:200]!r}")
+        return json.loads(raw) if raw else None
+
+    def timed(self, path: str, n: int, warm: int = 3) -> list[float]:
+        """Seconds per GET of path, the first `warm` ones left out."""
+        out = []
+        for i in range(n + warm):
+            start = time.perf_counter()
+            self.call("GET", path)
+            if i >= warm:
+                out.append(time.perf_counter() - start)
+        return out
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class Server:
+    """A velda server of its own VELDA_HOME under `root`."""
+
+    def __init__(self, root: Path, name: str, config: str | None = None) -> None:
+        self.home = root / name
+        self.home.mkdir(mode=0o700, exist_ok=True)
+        self.env = {**os.environ, "VELDA_HOME": str(self.home), "VELDA_PORT": "0",
+                    "TMPDIR": str(root)}
+        for var in ("VELDA_SERVER", "VELDA_TOKEN", "VELDA_CONFIG"):
+            self.env.pop(var, None)
+        if config is not None:
+            path = root / f"{name}.toml"
+            path.write_text(config)
+            self.env["VELDA_CONFIG"] = str(path)
+        self.db_path = self.home / "velda.db"
+        self._db: sqlite3.Connection | None = None
+        self.host, self.port, self.pid, self.token = "127.0.0.1", 0, 0, ""
+
+    def start(self) -> None:
+        subprocess.run([VELDA, "server", "start"], env=self.env, check=True, capture_output=True)
+        info = json.loads((self.home / "server.json").read_text())
+        self.pid = info["pid"]
+        self.port = int(info["url"].rsplit(":", 1)[1])
+        self.token = (self.home / "token").read_text().strip()
+
+    def stop(self) -> None:
+        if self._db is not None:
+            self._db.close()
+        self.kill_tasks()
+        subprocess.run([VELDA, "server", "stop"], env=self.env, capture_output=True)
+
+    def kill_tasks(self) -> None:
+        """SIGKILL to the process group of every task wrapper of this home still alive."""
+        for pid_file in self.home.glob("logs/*/*/pid"):
+            pid = int(pid_file.read_text().strip() or 0)
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"velda-task" in cmdline and str(pid_file.parent).encode() in cmdline:
+                os.killpg(pid, signal.SIGKILL)
+
+    def sql(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
+        """Read the store directly (read-only), without loading the server."""
+        if self._db is None:
+            self._db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)
+        return self._db.execute(query, args).fetchall()
+
+    def open_count(self) -> int:
+        return int(self.sql(f"SELECT COUNT(*) FROM tasks WHERE status NOT IN ({FINAL_SQL})")[0][0])
+
+    def wait_final(self, task_id: int, poll_s: float = 0.002, limit_s: float = 600) -> str:
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            status = self.sql("SELECT status FROM tasks WHERE id=?", task_id)[0][0]
+            if status in FINAL:
+                return str(status)
+            time.sleep(poll_s)
+        raise TimeoutError(f"task {task_id} is not final after {limit_s} s")
+
+    def wait_all_final(self, limit_s: float = 900) -> None:
+        deadline = time.monotonic() + limit_s
+        while self.open_count():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tasks still open after {limit_s} s")
+            time.sleep(0.05)
+
+
+@contextmanager
+def running_server(root: Path, name: str, config: str | None = None) -> Iterator[Server]:
+    server = Server(root, name, config)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def submit_body(command: list[str], pool: str | None = None) -> dict[str, Any]:
+    """What vbatch sends: the command, this environment and working directory."""
+    body: dict[str, Any] = {"command": command, "env": dict(os.environ), "cwd": os.getcwd()}
+    if pool:
+        body["pool"] = pool
+    return body
+
+
+# --- timing whole commands
+
+
+def command_medians(commands: dict[str, list[str]], runs: int, env: dict[str, str],
+                    root: Path) -> dict[str, float]:
+    """Median wall seconds of each command: hyperfine when installed, else timed here."""
+    if shutil.which("hyperfine"):
+        return _hyperfine(commands, runs, env, root)
+    return {name: _own_median(argv, runs, env) for name, argv in commands.items()}
+
+
+def _hyperfine(commands: dict[str, list[str]], runs: int, env: dict[str, str],
+               root: Path) -> dict[str, float]:
+    out = root / "hyperfine.json"
+    argv = ["hyperfine", "-N", "--warmup", "5", "--runs", str(runs), "--style", "basic",
+            "--export-json", str(out)]
+    for name, command in commands.items():
+        argv += ["-n", name, " ".join(command)]
+    subprocess.run(argv, env=env, check=True, stdout=sys.stderr)
+    results = json.loads(out.read_text())["results"]
+    return {r["command"]: r["median"] for r in results}
+
+
+def _own_median(argv: list[str], runs: int, env: dict[str, str]) -> float:
+    times = []
+    for i in range(runs + 5):
+        start = time.perf_counter()
+        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if i >= 5:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# --- §1 vbatch true
+
+
+def bench_vbatch(root: Path, sizes: Sizes) -> list[Row]:
+    log(f"§1 vbatch true, {sizes.cli_runs} runs, warm server")
+    with running_server(root, "s1") as server:
+        env = {**server.env, "TS_SOCKET": str(root / "tsp.socket")}
+        commands = {"vbatch": [VBATCH, "true"], "python": [sys.executable, "-c", "pass"]}
+        tsp = shutil.which("tsp")
+        if tsp:
+            commands["tsp"] = [tsp, "true"]
+        try:
+            medians = command_medians(commands, sizes.cli_runs, env, root)
+        finally:
+            if tsp:
+                subprocess.run([tsp, "-K"], env=env, capture_output=True)
+    peers = f"python -c pass {ms(medians['python'])}; "
+    peers += f"tsp true {ms(medians['tsp'])}" if tsp else "tsp: not installed"
+    return [Row("`vbatch true`, warm server (median wall)", ms(medians["vbatch"]), peers,
+                "≤ 40 ms", verdict(medians["vbatch"] <= 0.040))]
+
+
+# --- §2 submit-to-start on an idle pool
+
+
+def bench_submit_to_start(root: Path, sizes: Sizes) -> list[Row]:
+    log(f"§2 submit-to-start, {sizes.idle_tasks} tasks one at a time on an idle pool")
+    with running_server(root, "s2") as server:
+        api = Api(server)
+        sent_to_start, created_to_start = [], []
+        for i in range(sizes.idle_tasks + 5):
+            sent = time.time()
+            task_id = int(api.call("POST", "/api/v1/tasks", submit_body(["true"]))["id"])
+            server.wait_final(task_id)
+            created, started = server.sql(
+                "SELECT created_at, started_at FROM tasks WHERE id=?", task_id)[0]
+            if i >= 5:
+                sent_to_start.append(started - sent)
+                created_to_start.append(started - created)
+            time.sleep(0.02)  # let the server settle: each submit finds it idle
+        health = statistics.median(api.timed("/healthz", 200))
+        api.close()
+    sent_med, created_med = statistics.median(sent_to_start), statistics.median(created_to_start)
+    return [
+        Row("submit→start, idle pool: POST sent→`started_at` (median)", ms(sent_med),
+            f"HTTP round trip GET /healthz {ms(health)}", "≤ 10 ms", verdict(sent_med <= 0.010)),
+        Row("submit→start, idle pool: `created_at`→`started_at` (median)", ms(created_med),
+            "—", "≤ 10 ms", verdict(created_med <= 0.010)),
+    ]
+
+
+# --- §3 many trivial tasks through the API
+
+
+def submit_many(server: Server, n: int, submitters: int) -> None:
+    def worker(count: int) -> None:
+        api = Api(server)
+        body = submit_body(["true"])
+        for _ in range(count):
+            api.call("POST", "/api/v1/tasks", body)
+        api.close()
+
+    shares = [n // submitters + (1 if i < n % submitters else 0) for i in range(submitters)]
+    threads = [threading.Thread(target=worker, args=(share,)) for share in shares]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def bench_flood(root: Path, sizes: Sizes, submitters: int = 4) -> list[Row]:
+    n = sizes.flood_tasks
+    log(f"§3 {n:,} × true through the API, {submitters} submitters")
+    with running_server(root, "s3") as server:
+        start = time.time()
+        submit_many(server, n, submitters)
+        posted = time.time() - start
+        log(f"   all posted in {posted:.1f} s; waiting for them to end")
+        server.wait_all_final()
+        end, succeeded = server.sql(
+            "SELECT MAX(resolved_at), SUM(status='SUCCESS') FROM tasks")[0]
+    rate = n / (end - start)
+    log(f"   {succeeded:,} succeeded; now {n:,} × true through xargs -P2")
+    started = time.perf_counter()
+    subprocess.run(f"seq {n} | xargs -P2 -n1 true", shell=True, check=True)
+    xargs_rate = n / (time.perf_counter() - started)
+    return [
+        Row(f"{n:,} × `true` end to end through the API (tasks/s)", f"{rate:,.0f}/s",
+            f"xargs -P2 {xargs_rate:,.0f}/s", "≥ 1,000/s", verdict(rate >= 1000)),
+        Row(f"  of which: POSTing all {n:,} ({submitters} keep-alive submitters)",
+            f"{n / posted:,.0f}/s", "—"),
+    ]
+
+
+# --- §4 a large store
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def idle_server_rss(root: Path) -> float:
+    with running_server(root, "s4-empty") as server:
+        api = Api(server)
+        api.timed("/api/v1/tasks?page_size=50", 20)
+        api.close()
+        return rss_mb(server.pid)
+
+
+def bench_large_store(root: Path, sizes: Sizes) -> list[Row]:
+    n = sizes.stored_tasks
+    empty_rss = idle_server_rss(root)
+    log(f"§4 storing {n:,} tasks directly in SQLite")
+    (root / "s4").mkdir(mode=0o700)
+    started = time.perf_counter()
+    fill(root / "s4" / "velda.db", n)
+    log(f"   stored in {time.perf_counter() - started:.1f} s; starting the server")
+    with running_server(root, "s4") as server:
+        commands = {"list": [VELDA, "task", "list"], "python": [sys.executable, "-c", "pass"]}
+        medians = command_medians(commands, sizes.list_runs, server.env, root)
+        api = Api(server)
+        page = statistics.median(api.timed("/api/v1/tasks?page_size=50", 50))
+        health = statistics.median(api.timed("/healthz", 50))
+        api.close()
+        rss = rss_mb(server.pid)
+    return [
+        Row(f"`velda task list`, {n:,} stored (median wall)", ms(medians["list"]),
+            f"python -c pass {ms(medians['python'])}", "≤ 100 ms",
+            verdict(medians["list"] <= 0.100)),
+        Row(f"list API first page, {n:,} stored (median, keep-alive)", ms(page),
+            f"GET /healthz {ms(health)}", "≤ 300 ms", verdict(page <= 0.300)),
+        Row(f"server RSS, {n:,} stored", f"{rss:.0f} MB",
+            f"empty store {empty_rss:.0f} MB", "≤ 200 MB", verdict(rss <= 200)),
+    ]
+
+
+# --- §5 memory of supervising a running task
+
+SUPERVISION_CONFIG = "[local]\ncpus = 64\n"
+
+
+@dataclass
+class Memory:
+    rss: float  # MB, each of these
+    pss: float
+    uss: float
+
+
+def memory_of(pid: int) -> Memory:
+    """From /proc/PID/smaps_rollup: RSS, PSS, and USS (private clean + private dirty)."""
+    kb: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        kb[key] = int(value.split()[0])
+    uss = kb["Private_Clean"] + kb["Private_Dirty"]
+    return Memory(kb["Rss"] / 1024, kb["Pss"] / 1024, uss / 1024)
+
+
+def mean_memory(pids: list[int]) -> Memory:
+    each = [memory_of(pid) for pid in pids]
+    return Memory(*(statistics.fmean(getattr(m, f) for m in each) for f in ("rss", "pss", "uss")))
+
+
+def has_child(pid: int) -> bool:
+    try:
+        return bool(Path(f"/proc/{pid}/task/{pid}/children").read_text().strip())
+    except OSError:
+        return False
+
+
+def wait_until(done: Callable[[], bool], what: str, limit_s: float = 60) -> None:
+    deadline = time.monotonic() + limit_s
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not after {limit_s} s")
+        time.sleep(0.05)
+
+
+def plain_shells(n: int) -> Memory:
+    """The floor: n `sh -c 'sleep 60; :'` started here, each a shell waiting on its child."""
+    procs = [subprocess.Popen(["sh", "-c", "sleep 60; :"], start_new_session=True)
+             for _ in range(n)]
+    try:
+        wait_until(lambda: all(has_child(p.pid) for p in procs), "plain shells")
+        return mean_memory([p.pid for p in procs])
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wrapper_pids(server: Server, ids: list[int]) -> list[int]:
+    """The per-task `/bin/sh` wrappers, once each has written its pid and forked the command."""
+    files = [server.home / "logs" / str(i) / "1" / "pid" for i in ids]
+
+    def ready() -> bool:
+        return all(f.exists() and f.read_text().strip() for f in files) and all(
+            has_child(int(f.read_text())) for f in files)
+
+    wait_until(ready, "task wrappers")
+    return [int(f.read_text()) for f in files]
+
+
+def bench_supervision(root: Path, sizes: Sizes) -> list[Row]:
+    n = sizes.sleepers
+    log(f"§5 memory of {n} running `sleep 60` tasks (pool cpu-1, [local] cpus = 64)")
+    floor = plain_shells(n)
+    with running_server(root, "s5", SUPERVISION_CONFIG) as server:
+        api = Api(server)
+        api.timed("/api/v1/tasks", 5)  # warm the server's code paths before the RSS reading
+        before = rss_mb(server.pid)
+        body = submit_body(["sleep", "60"], "cpu-1")
+        ids = [int(api.call("POST", "/api/v1/tasks", body)["id"]) for _ in range(n)]
+        wrappers = mean_memory(wrapper_pids(server, ids))
+        growth = (rss_mb(server.pid) - before) / n
+        for task_id in ids:
+            api.call("POST", f"/api/v1/tasks/{task_id}/cancel", {})
+        server.wait_all_final(60)
+        api.close()
+    floor_text = "plain `sh -c 'sleep 60; :'` {:.2f} MB"
+    return [
+        Row(f"supervising a running task: wrapper PSS (mean of {n})", f"{wrappers.pss:.2f} MB",
+            floor_text.format(floor.pss), "≤ 2 MB", verdict(wrappers.pss <= 2)),
+        Row("  wrapper USS (private pages)", f"{wrappers.uss:.2f} MB",
+            floor_text.format(floor.uss), "≤ 2 MB", verdict(wrappers.uss <= 2)),
+        Row("  wrapper RSS (counts shared libc pages too)", f"{wrappers.rss:.2f} MB",
+            floor_text.format(floor.rss), "≤ 2 MB", verdict(wrappers.rss <= 2)),
+        Row("  server RSS growth per running task", f"{growth:.3f} MB", "—"),
+    ]
+
+
+# --- §6 a task writing a lot to stdout
+
+
+def size_text(size: int) -> str:
+    return f"{size / (1 << 30):g} GiB" if size >= 1 << 30 else f"{size / MB:g} MiB"
+
+
+def direct_to_file(command: list[str], path: Path) -> float:
+    with open(path, "wb") as out:
+        start = time.perf_counter()
+        subprocess.run(command, stdout=out, check=True)
+        elapsed = time.perf_counter() - start
+    path.unlink()
+    return elapsed
+
+
+def task_times(server: Server, task_id: int) -> float:
+    """started→finished of the task's own command, then its stdout log is deleted."""
+    status, started, finished = server.sql(
+        "SELECT status, started_at, finished_at FROM tasks WHERE id=?", task_id)[0]
+    if status != "SUCCESS":
+        raise RuntimeError(f"task {task_id} ended {status}")
+    (server.home / "logs" / str(task_id) / "1" / "stdout").unlink()
+    return float(finished - started)
+
+
+def unfollowed_task(server: Server, api: Api, command: list[str]) -> float:
+    task_id = int(api.call("POST", "/api/v1/tasks", submit_body(command))["id"])
+    server.wait_final(task_id, poll_s=0.01)
+    return task_times(server, task_id)
+
+
+def vrun_task(server: Server, command: list[str]) -> tuple[float, float]:
+    """vrun's wall time (its stdout to /dev/null) and its task's started→finished."""
+    start = time.perf_counter()
+    subprocess.run([VRUN, *command], env=server.env, stdout=subprocess.DEVNULL, check=True)
+    wall = time.perf_counter() - start
+    task_id = int(server.sql("SELECT MAX(id) FROM tasks")[0][0])
+    return wall, task_times(server, task_id)
+
+
+def bench_big_output(root: Path, sizes: Sizes) -> list[Row]:
+    size, runs = sizes.output_bytes, sizes.output_runs
+    text = size_text(size)
+    command = ["head", "-c", str(size), "/dev/zero"]
+    log(f"§6 a task writing {text} to stdout, {runs} run(s) of each, interleaved")
+    direct, alone, walls, followed = [], [], [], []
+    with running_server(root, "s6") as server:
+        api = Api(server)
+        for _ in range(runs):
+            direct.append(direct_to_file(command, root / "direct.out"))
+            alone.append(unfollowed_task(server, api, command))
+            wall, task = vrun_task(server, command)
+            walls.append(wall)
+            followed.append(task)
+        api.close()
+    floor = statistics.median(direct)
+    baseline = f"`head -c {text} > file` {floor:.2f} s"
+
+    def row(what: str, times: list[float]) -> Row:
+        t = statistics.median(times)
+        return Row(what, f"{t:.2f} s ({t / floor:.2f}×)", baseline, "≤ 1.2×",
+                   verdict(t <= 1.2 * floor))
+
+    return [
+        row(f"{text} to stdout: task started→finished, nobody following", alone),
+        row(f"{text} to stdout: `vrun` wall (stdout → /dev/null)", walls),
+        row(f"{text} to stdout: task started→finished under `vrun`", followed),
+    ]
+
+
+# --- the table
+
+
+SECTIONS: dict[int, Callable[[Path, Sizes], list[Row]]] = {
+    1: bench_vbatch,
+    2: bench_submit_to_start,
+    3: bench_flood,
+    4: bench_large_store,
+    5: bench_supervision,
+    6: bench_big_output,
+}
+
+
+def table(rows: list[Row]) -> str:
+    head = Row("what", "velda", "baseline / peer (same run)", "budget (SPEC §9)", "pass/over")
+    cells = [[r.what, r.velda, r.baseline, r.budget, r.verdict] for r in [head, *rows]]
+    widths = [max(len(c[i]) for c in cells) for i in range(5)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cs, widths, strict=True)) + " |"
+             for cs in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def run_section(number: int, root: Path, sizes: Sizes) -> list[Row]:
+    started = time.perf_counter()
+    try:
+        rows = SECTIONS[number](root, sizes)
+    except Exception as e:  # one broken section must not hide the others' figures
+        log(f"§{number} failed: {type(e).__name__}: {e}")
+        return [Row(f"§{number} failed", f"{type(e).__name__}: {e}", "—")]
+    log(f"   §{number} took {time.perf_counter() - started:.0f} s")
+    return rows
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smaller counts (a minute or two)")
+    p.add_argument("--only", default="1,2,3,4,5,6", help="sections to run, like 1,3")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    sizes = QUICK if args.quick else Sizes()
+    numbers = [int(n) for n in args.only.split(",") if n.strip()]
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="velda-budgets-") as tmp:
+        for number in numbers:
+            rows += run_section(number, Path(tmp), sizes)
+    print(table(rows))
+    return 1 if any(r.verdict == "OVER" or r.what.endswith("failed") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

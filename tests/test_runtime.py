@@ -1,0 +1,147 @@
+"""The task lifecycle in memory: a store in RAM, a fake engine, an explicit clock."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from velda.config import Config
+from velda.engines.base import Handle, Launch
+from velda.models import Exit, Pool, Resources, TaskStatus
+from velda.protocol import BadRequest, SubmitRequest
+from velda.server.runtime import Runtime
+from velda.store.sqlite import SqliteStore
+
+S = TaskStatus
+
+
+class FakeEngine:
+    """Starts nothing; the test ends attempts by hand."""
+
+    name, places_work = "local", False
+
+    def __init__(self, runtime: Runtime, cpus: float) -> None:
+        self.runtime, self._cpus = runtime, cpus
+        self.started: list[Launch] = []
+
+    def capacity(self) -> Resources:
+        return Resources(self._cpus, 0)
+
+    async def check(self, pool: Pool) -> None:
+        return None
+
+    async def start(self, launch: Launch) -> Handle:
+        self.started.append(launch)
+        self.runtime.running(launch.task_id, launch.attempt, {"fake": True})
+        return {"fake": True}
+
+    async def cancel(self, handle: Handle, grace_s: float) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def finish(self, task_id: int, code: int) -> None:
+        task = self.runtime.store.get(task_id)
+        assert task is not None
+        self.runtime.exited(str(task_id), task.attempt, Exit.from_code(code))
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> tuple[Runtime, FakeEngine]:
+    runtime = Runtime(tmp_path, Config(), SqliteStore(":memory:"), lambda i: f"t{i}",
+                      now=lambda: 1000.0)
+    engine = FakeEngine(runtime, cpus=1)
+    runtime.local = engine  # type: ignore[assignment]
+    runtime.engines["local"] = engine  # type: ignore[assignment]
+    return runtime, engine
+
+
+def submit(runtime: Runtime, **fields: object) -> int:
+    body = {"command": ["x"], "cwd": "/", **fields}
+    task = asyncio.get_event_loop().run_until_complete(
+        runtime.submit(SubmitRequest.from_json(body), None)
+    )
+    return task.id
+
+
+def settle(runtime: Runtime) -> None:
+    loop = asyncio.get_event_loop()
+    for _ in range(3):
+        loop.run_until_complete(runtime.schedule_once())
+
+
+def status(runtime: Runtime, task_id: int) -> S:
+    task = runtime.store.get(task_id)
+    assert task is not None
+    return task.status
+
+
+@pytest.fixture(autouse=True)
+def loop() -> object:
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield loop
+    loop.close()
+    asyncio.set_event_loop(None)
+
+
+def test_a_long_failed_chain_resolves_at_once_without_recursion(world: tuple) -> None:
+    runtime, engine = world
+    first = submit(runtime, name="s0")
+    ids = [first] + [
+        submit(runtime, name=f"s{i}", after_success=[f"s{i - 1}"]) for i in range(1, 1500)
+    ]
+    settle(runtime)
+    engine.finish(first, 1)
+    assert status(runtime, ids[-1]) == S.FAILED_UPSTREAM
+    assert all(status(runtime, i) == S.FAILED_UPSTREAM for i in ids[1:])
+
+
+def test_one_cpu_runs_tasks_one_by_one_in_priority_order(world: tuple) -> None:
+    runtime, engine = world
+    blocker = submit(runtime)
+    settle(runtime)
+    low, high, mid = submit(runtime, priority=5), submit(runtime, priority=-1), submit(runtime)
+    settle(runtime)
+    order = []
+    for _ in range(4):
+        running = [t for t in (blocker, low, high, mid) if status(runtime, t) == S.RUNNING]
+        assert len(running) == 1
+        order.append(running[0])
+        engine.finish(running[0], 0)
+        settle(runtime)
+    assert order == [blocker, high, mid, low]
+
+
+def test_retries_requeue_with_the_next_attempt(world: tuple) -> None:
+    runtime, engine = world
+    task_id = submit(runtime, retries=2)
+    for attempt in (1, 2):
+        settle(runtime)
+        assert runtime.store.get(task_id).attempt == attempt  # type: ignore[union-attr]
+        engine.finish(task_id, 1)
+        assert status(runtime, task_id) == S.QUEUED
+    settle(runtime)
+    engine.finish(task_id, 0)
+    assert status(runtime, task_id) == S.SUCCESS
+    assert [a["exit_code"] for a in runtime.store.attempts(task_id)] == [1, 1, 0]
+
+
+def test_a_final_state_never_changes_but_by_retry(world: tuple) -> None:
+    runtime, engine = world
+    task_id = submit(runtime)
+    settle(runtime)
+    engine.finish(task_id, 3)
+    assert status(runtime, task_id) == S.FAILURE
+    engine.finish(task_id, 0)  # a late or repeated report changes nothing
+    assert status(runtime, task_id) == S.FAILURE
+    asyncio.get_event_loop().run_until_complete(runtime.retry(task_id))
+    settle(runtime)
+    assert status(runtime, task_id) == S.RUNNING
+    engine.finish(task_id, 0)
+    assert status(runtime, task_id) == S.SUCCESS
+    with pytest.raises(BadRequest, match="succeeded; nothing to retry"):
+        asyncio.get_event_loop().run_until_complete(runtime.retry(task_id))
