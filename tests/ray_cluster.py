@@ -17,10 +17,12 @@ Tests that use it are skipped, saying why, only when Ray is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,6 +65,10 @@ class RayCluster:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        # Ray's daemons share the cluster process's group; a raylet killed by a test leaves
+        # its agents behind.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def _ask(self, command: str) -> str:
         assert self.proc.stdin is not None and self.proc.stdout is not None

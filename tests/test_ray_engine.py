@@ -144,6 +144,14 @@ def python(code: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+GROUP = ["sh", "-c", "sleep 1000 & echo $$ $!; wait"]  # a process group of two
+
+
+def group_pids(harness: Harness, launch: Launch) -> list[int]:
+    harness.wait_output(launch, "\n")
+    return [int(p) for p in launch.stdout_path.read_text().split()]
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -258,16 +266,14 @@ def test_upload_workdir_ships_the_directory(ray: Harness, tmp_path: Path) -> Non
 
 
 def test_cancel_kills_the_process_group(ray: Harness, tmp_path: Path) -> None:
-    launch = ray.launch(tmp_path, ["sh", "-c", "sleep 1000 & echo $$ $!; wait"])
+    launch = ray.launch(tmp_path, GROUP)
     handle = ray.start(launch)
-    ray.wait_running(launch)
-    ray.wait_output(launch, "\n")
-    pids = [int(p) for p in launch.stdout_path.read_text().split()]
+    pids = group_pids(ray, launch)
     started = time.monotonic()
     ray.run(ray.engine.cancel(handle, 10))
     assert ray.wait_exit(launch) == Exit(None, signal.SIGTERM, Reason.SIGNAL)
     assert time.monotonic() - started < 5
-    ray.wait(lambda: not any(alive(p) for p in pids), 5, "the whole group gone")
+    ray.wait(lambda: not any(map(alive, pids)), 5, "the whole group gone")
 
 
 def test_cancel_escalates_to_sigkill_after_the_grace_period(ray: Harness,
@@ -324,16 +330,15 @@ def test_adopt_reports_lost(ray: Harness, tmp_path: Path) -> None:
 def test_a_dead_driver_loses_its_attempts_and_the_next_start_works(
     ray: Harness, tmp_path: Path
 ) -> None:
-    launch = ray.launch(tmp_path, ["sh", "-c", "echo $$; sleep 1000"])
+    launch = ray.launch(tmp_path, GROUP)
     ray.start(launch)
-    ray.wait_output(launch, "\n")
-    pid = int(launch.stdout_path.read_text())
+    pids = group_pids(ray, launch)
     bridge = ray.engine._bridge
     assert bridge is not None
     bridge.proc.kill()
     assert ray.wait_exit(launch, 30) == Exit(None, None, Reason.LOST)
     assert "Ray driver exited" in launch.stderr_path.read_text()
-    ray.wait(lambda: not alive(pid), 30, "the work of a dead driver killed")
+    ray.wait(lambda: not any(map(alive, pids)), 30, "the work of a dead driver killed")
     again = ray.launch(tmp_path, ["true"])
     assert ray.run_to_end(again) == Exit(0)
 
@@ -364,16 +369,14 @@ def test_an_address_that_never_answers_times_out(tmp_path: Path) -> None:
 
 def test_a_dead_node_ends_its_task_as_lost(ray: Harness, ray_cluster: RayCluster,
                                           tmp_path: Path) -> None:
-    launch = ray.launch(tmp_path, ["sh", "-c", "echo $$; sleep 1000"],
-                        Resources(cpus=1, custom=(("node2_slot", 1.0),)))
+    launch = ray.launch(tmp_path, GROUP, Resources(cpus=1, custom=(("node2_slot", 1.0),)))
     ray.start(launch)
     assert ray.wait_running(launch)["node_id"] == ray_cluster.node2_id
-    ray.wait_output(launch, "\n")
-    pid = int(launch.stdout_path.read_text())
+    pids = group_pids(ray, launch)
     ray_cluster.kill_node2()
     assert ray.wait_exit(launch, 60) == Exit(None, None, Reason.LOST)
     assert "velda: ray lost the worker running it" in launch.stderr_path.read_text()
-    ray.wait(lambda: not alive(pid), 30, "the process of a dead node killed")
+    ray.wait(lambda: not any(map(alive, pids)), 30, "the work of a dead node killed")
 
 
 def test_a_dead_head_fails_running_tasks_with_a_clear_message(tmp_path: Path) -> None:
@@ -386,14 +389,13 @@ def test_a_dead_head_fails_running_tasks_with_a_clear_message(tmp_path: Path) ->
     engine = RayEngine(pool, events)
     harness = Harness(loop, engine, events, cluster.address)
     try:
-        launch = harness.launch(tmp_path, ["sh", "-c", "echo $$; sleep 1000"])
+        launch = harness.launch(tmp_path, GROUP)
         harness.start(launch)
-        harness.wait_output(launch, "\n")
-        pid = int(launch.stdout_path.read_text())
+        pids = group_pids(harness, launch)
         cluster.kill_gcs()
         assert harness.wait_exit(launch, 60) == Exit(None, None, Reason.LOST)
         assert "stopped answering" in launch.stderr_path.read_text()
-        harness.wait(lambda: not alive(pid), 10, "the work of a lost cluster killed")
+        harness.wait(lambda: not any(map(alive, pids)), 10, "the work of a lost cluster killed")
         with pytest.raises(EngineError, match="is not reachable"):
             harness.run(engine.check(pool))
     finally:

@@ -43,7 +43,8 @@ def test_parent_fails_when_a_child_fails(velda: Velda) -> None:
 
 def test_parent_waits_in_running_subtasks(velda: Velda, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
-    parent = velda.vbatch("bash", "-c", f"vbatch bash -c 'while [ ! -e {gate} ]; do sleep 0.05; done'")
+    waiter = f"while [ ! -e {gate} ]; do sleep 0.05; done"
+    parent = velda.vbatch("bash", "-c", f"vbatch bash -c '{waiter}'")
     assert velda.wait(parent, until={"RUNNING_SUBTASKS"})["exit_code"] == 0
     assert velda.get(parent)["children"]["running"] == 1
     gate.touch()

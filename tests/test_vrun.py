@@ -45,8 +45,13 @@ def test_vrun_exits_125_when_the_task_never_ran(velda: Velda) -> None:
 
 
 def test_bad_usage_exits_2_with_one_line(velda: Velda) -> None:
-    for argv in (["vrun"], ["vrun", "-P", "nosuchpool", "true"], ["vbatch", "--timeout", "soon", "true"],
-                 ["vbatch", "-n", "", "true"], ["vrun", "-P", "gpu-64", "true"]):
+    for argv in (
+        ["vrun"],
+        ["vrun", "-P", "nosuchpool", "true"],
+        ["vbatch", "--timeout", "soon", "true"],
+        ["vbatch", "-n", "", "true"],
+        ["vrun", "-P", "gpu-64", "true"],
+    ):
         result = velda.run(*argv)
         assert result.returncode == 2, argv
         assert result.stdout == ""
@@ -58,7 +63,8 @@ def test_bad_usage_exits_2_with_one_line(velda: Velda) -> None:
 
 
 def test_unreachable_server_exits_1(velda: Velda) -> None:
-    result = velda.run("vrun", "true", env={"VELDA_SERVER": "http://127.0.0.1:9", "VELDA_TOKEN": "x"})
+    nowhere = {"VELDA_SERVER": "http://127.0.0.1:9", "VELDA_TOKEN": "x"}
+    result = velda.run("vrun", "true", env=nowhere)
     assert result.returncode == 1
     assert result.stderr.startswith("vrun: cannot reach the velda server at http://127.0.0.1:9")
     assert len(result.stderr.splitlines()) == 1

@@ -88,6 +88,13 @@ class Client:
         except OSError as e:
             raise VeldaError(f"cannot reach the velda server at {self.url}: {e}") from e
 
+    def call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        """A call whose answer is a JSON object."""
+        value = self.request(method, path, body)
+        if not isinstance(value, dict):
+            raise VeldaError(f"unexpected answer from the server to {method} {path}")
+        return value
+
     @staticmethod
     def _decode(status: int, data: bytes) -> Any:
         try:
@@ -103,31 +110,32 @@ class Client:
     # --- the calls
 
     def submit(self, **request: Any) -> dict[str, Any]:
-        return self.request("POST", "/api/v1/tasks", request)  # type: ignore[no-any-return]
+        return self.call("POST", "/api/v1/tasks", request)
 
     def get(self, ref: str) -> dict[str, Any]:
         if ref.isdigit():
-            return self.request("GET", f"/api/v1/tasks/{ref}")  # type: ignore[no-any-return]
-        return self.request("GET", "/api/v1/resolve?" + urlencode({"ref": ref}))  # type: ignore[no-any-return]
+            return self.call("GET", f"/api/v1/tasks/{ref}")
+        return self.call("GET", "/api/v1/resolve?" + urlencode({"ref": ref}))
 
-    def list(self, **query: Any) -> dict[str, Any]:
+    def list_tasks(self, **query: Any) -> dict[str, Any]:
         params = [(k, v) for k, vs in query.items() for v in _as_list(vs) if v is not None]
-        return self.request("GET", "/api/v1/tasks?" + urlencode(params))  # type: ignore[no-any-return]
+        return self.call("GET", "/api/v1/tasks?" + urlencode(params))
 
     def cancel(self, task_id: str) -> dict[str, Any]:
-        return self.request("POST", f"/api/v1/tasks/{quote(task_id)}/cancel", {})  # type: ignore[no-any-return]
+        return self.call("POST", f"/api/v1/tasks/{quote(task_id)}/cancel", {})
 
     def retry(self, task_id: str) -> dict[str, Any]:
-        return self.request("POST", f"/api/v1/tasks/{quote(task_id)}/retry", {})  # type: ignore[no-any-return]
+        return self.call("POST", f"/api/v1/tasks/{quote(task_id)}/retry", {})
 
     def signal(self, task_id: str, signum: int) -> None:
         self.request("POST", f"/api/v1/tasks/{quote(task_id)}/signal", {"signal": signum})
 
     def pools(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/v1/pools")["pools"]  # type: ignore[no-any-return]
+        pools: list[dict[str, Any]] = self.call("GET", "/api/v1/pools")["pools"]
+        return pools
 
     def server(self) -> dict[str, Any]:
-        return self.request("GET", "/api/v1/server")  # type: ignore[no-any-return]
+        return self.call("GET", "/api/v1/server")
 
     def logs(self, task_id: str, stream: str, attempt: int | None = None) -> bytes:
         query = urlencode({"stream": stream, **({"attempt": attempt} if attempt else {})})

@@ -140,7 +140,7 @@ def _resources(r: dict[str, Any]) -> str:
 
 def run_ui(args: argparse.Namespace) -> int:
     client = Client()
-    url = client.request("POST", "/api/v1/login-links", {})["url"]
+    url = client.call("POST", "/api/v1/login-links", {})["url"]
     if args.print:
         print(url)
         return 0

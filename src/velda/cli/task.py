@@ -119,7 +119,7 @@ def _search(client: Client, args: argparse.Namespace) -> int:
 def _pages(client: Client, args: argparse.Namespace, query: dict[str, Any]) -> int:
     tasks, token = [], args.page_token
     while True:
-        page = client.list(**query, page_size=args.max_results, page_token=token)
+        page = client.list_tasks(**query, page_size=args.max_results, page_token=token)
         tasks += page["tasks"]
         token = page["next_page_token"]
         if not args.all or not token:
@@ -170,7 +170,7 @@ def _watch(client: Client, args: argparse.Namespace) -> int:
     view = ProgressView(sys.stdout)
     printer = StatusPrinter(quiet=False)
     while True:
-        task = client.request("GET", f"/api/v1/tasks/{task['id']}?subtree=1")
+        task = client.call("GET", f"/api/v1/tasks/{task['id']}?subtree=1")
         printer(task)
         if task.get("subtree", {}).get("total"):
             view.show(task)

@@ -12,5 +12,5 @@ def load_engine(pool: Pool, events: EngineEvents) -> Engine:
     if pool.engine == "ray":
         from velda.engines.ray import RayEngine
 
-        return RayEngine(pool, events)  # type: ignore[return-value]
+        return RayEngine(pool, events)
     raise EngineError(f"pool {pool.name}: unknown engine '{pool.engine}' (local, ray)")

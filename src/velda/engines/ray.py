@@ -788,17 +788,20 @@ class _Control:
 class _GroupGuard:
     """A /bin/sh that kills the process group once this worker closes the pipe it waits on,
     or dies: a Ray worker killed with its node or its owner must not leave the command
-    running."""
+    running. It is a grandchild, not a child: a dying Ray worker kills its own children
+    (the command's leader among them), which would take the guard along and leave the rest
+    of the group running."""
+
+    _SCRIPT = 'exec 3<&0; (read x <&3; kill -9 -"$0") >/dev/null 2>&1 &'
 
     def __init__(self, pgid: int) -> None:
         read_end, self.write_end = os.pipe()
-        self.proc = subprocess.Popen(
-            ["/bin/sh", "-c", 'read x; kill -9 -"$0" 2>/dev/null', str(pgid)],
-            stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
+        subprocess.run(
+            ["/bin/sh", "-c", self._SCRIPT, str(pgid)], stdin=read_end,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            check=False,
         )
         os.close(read_end)
 
     def close(self) -> None:
         os.close(self.write_end)
-        self.proc.wait()

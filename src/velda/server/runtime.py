@@ -330,10 +330,10 @@ class Runtime:
         started = []
         with self.store.transaction():
             remote, self.remote_queue = self.remote_queue, []
-            for task in self.store.get_many(remote):
-                if task.status == S.QUEUED and task.handle is None:
-                    self._new_attempt(task, None)
-                    started.append(task)
+            for remote_task in self.store.get_many(remote):
+                if remote_task.status == S.QUEUED and remote_task.handle is None:
+                    self._new_attempt(remote_task, None)
+                    started.append(remote_task)
             queue = sorted(self.queued.values(), key=lambda r: (r.priority, r.task_id))
             for placement in schedule(queue, self._capacity()) if queue else []:
                 self.queued.pop(placement.task_id, None)

@@ -274,7 +274,8 @@ class SqliteStore:
 
         `after` is the last ID of the previous page (the page token).
         """
-        where, args = [], []  # type: ignore[var-annotated]
+        where: list[str] = []
+        args: list[object] = []
         oldest_first = parent_id is not None
         if parent_id is not None:
             where.append("parent_id = ?")
