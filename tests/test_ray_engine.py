@@ -24,6 +24,7 @@ import pytest
 
 from ray_cluster import RayCluster, start_cluster
 from velda.engines.base import EngineError, Handle, Launch
+from velda.engines.local import NotStartedError
 from velda.engines.ray import RayEngine
 from velda.models import Exit, Pool, Reason, Resources
 
@@ -319,12 +320,60 @@ def test_command_not_found_and_missing_cwd(ray: Harness, tmp_path: Path) -> None
     assert "does not exist" in no_dir.stderr_path.read_text()
 
 
-def test_adopt_reports_lost(ray: Harness, tmp_path: Path) -> None:
+def new_engine(ray: Harness) -> tuple[RayEngine, Recorder]:
+    """Another engine on the same cluster, as a restarted server would have."""
+    events = Recorder()
+    events.loop_thread = threading.get_ident()
+    return RayEngine(Pool("ray", "ray", CPU, {"address": ray.address}), events), events
+
+
+def test_adopt_after_a_restart_follows_the_attempt_to_its_end(ray: Harness,
+                                                             tmp_path: Path) -> None:
+    old, _ = new_engine(ray)
+    launch = ray.launch(tmp_path, ["sh", "-c", "echo one; sleep 2; echo two"])
+    ray.run(old.start(launch))
+    ray.wait_output(launch, "one\n")
+    ray.run(old.close())  # the server stops; its bridge finishes the attempt
+    engine, events = new_engine(ray)
+    ray.run(engine.adopt(launch.task_id, 1, {"key": f"{launch.task_id}/1"}, launch))
+    key = (launch.task_id, 1)
+    assert events.started[key]["pid"] > 0
+    ray.wait(lambda: key in events.ended, 30, "adopted attempt exited")
+    assert events.ended[key] == Exit(0)
+    assert launch.stdout_path.read_text() == "one\ntwo\n"
+    assert not events.errors
+
+
+def test_an_adopted_attempt_can_be_cancelled(ray: Harness, tmp_path: Path) -> None:
+    old, _ = new_engine(ray)
+    launch = ray.launch(tmp_path, GROUP)
+    ray.run(old.start(launch))
+    pids = group_pids(ray, launch)
+    ray.run(old.close())
+    engine, events = new_engine(ray)
+    ray.run(engine.adopt(launch.task_id, 1, {"key": f"{launch.task_id}/1"}, launch))
+    ray.run(engine.cancel({"key": f"{launch.task_id}/1"}, 5))
+    key = (launch.task_id, 1)
+    ray.wait(lambda: key in events.ended, 30, "adopted attempt exited")
+    assert events.ended[key] == Exit(None, signal.SIGTERM, Reason.SIGNAL)
+    ray.wait(lambda: not any(map(alive, pids)), 5, "the whole group gone")
+
+
+def test_adopt_reports_an_attempt_that_ended_meanwhile(ray: Harness, tmp_path: Path) -> None:
+    launch = ray.launch(tmp_path, ["sh", "-c", "exit 4"])
+    assert ray.run_to_end(launch) == Exit(4, None, Reason.EXIT)
+    engine, events = new_engine(ray)
+    ray.run(engine.adopt(launch.task_id, 1, {}, launch))
+    assert events.ended[(launch.task_id, 1)] == Exit(4, None, Reason.EXIT)
+    assert (launch.task_id, 1) in events.started
+
+
+def test_adopt_of_an_attempt_never_handed_to_ray_requeues_it(ray: Harness,
+                                                             tmp_path: Path) -> None:
     launch = ray.launch(tmp_path, ["true"])
-    handle = {"key": f"{launch.task_id}/1", "address": ray.address}
-    ray.run(ray.engine.adopt(launch.task_id, 1, handle, launch))
-    assert ray.wait_exit(launch, 1) == Exit(None, None, Reason.LOST)
-    assert "server restarted" in launch.stderr_path.read_text()
+    engine, _ = new_engine(ray)
+    with pytest.raises(NotStartedError):
+        ray.run(engine.adopt(launch.task_id, 1, {"submitted": True}, launch))
 
 
 def test_a_dead_driver_loses_its_attempts_and_the_next_start_works(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -141,3 +142,10 @@ def test_options_stop_at_the_first_word_of_the_command(velda: Velda) -> None:
     result = velda.run("vrun", "-q", "python3", "-c", "import sys; print(sys.argv[1:])",
                        "--name", "x", "-P", "y", check=True)
     assert result.stdout == "['--name', 'x', '-P', 'y']\n"
+
+
+def test_a_cpu_pool_larger_than_the_machine_runs_alone_with_a_notice(velda: Velda) -> None:
+    result = velda.run("vrun", "-P", "cpu-64", "sh", "-c", "echo $OMP_NUM_THREADS")
+    assert result.returncode == 0
+    assert "vrun: notice: pool cpu-64 asks for 64 CPUs and this machine has" in result.stderr
+    assert int(result.stdout) == len(os.sched_getaffinity(0))  # all of the machine

@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
 def _vbatch(request: dict[str, object], follow: bool, quiet: bool) -> int:
     client = connect()
     task = client.submit(**request)
+    if task.get("notice"):
+        say(quiet, f"vbatch: notice: {task['notice']}")
     print(task["id"], flush=True)
     say(quiet, client.web_url(task["id"]))
     if not follow:

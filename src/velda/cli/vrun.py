@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
 def _vrun(request: dict[str, object], quiet: bool) -> int:
     client = connect()
     task = client.submit(**request)
+    if task.get("notice"):
+        say(quiet, f"vrun: notice: {task['notice']}")
     task_id = task["id"]
     printer = _EndPrinter(quiet)
     follower = Follower(client, task_id, printer)

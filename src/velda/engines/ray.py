@@ -9,8 +9,9 @@ Three places, three processes:
 - The bridge submits every attempt as a streaming-generator task with the pool's
   `num_cpus`/`num_gpus`/`memory`/custom resources (`max_retries=0`: velda retries itself, and
   a re-executed generator would duplicate output). It appends the chunks the generator yields
-  to the attempt's log files, so output bytes never pass through the server. A watchdog
-  fails every attempt when the head stops answering. If the bridge dies for any reason, the
+  to the attempt's log files, so output bytes never pass through the server, and keeps the
+  attempt's state (bridge, node, control port, exit) in `ray.json` in the attempt directory.
+  A watchdog fails every attempt when the head stops answering. If the bridge dies, the
   engine reports its attempts `lost` and starts a new bridge on the next call.
 - On the node, `_run_attempt` (standard library and ray only: it is pickled by value, so
   nodes need no velda install) runs the argv in a new session with pipes for stdout and
@@ -21,9 +22,14 @@ Three places, three processes:
   deliver a chosen signal, and with `force=False` it does not interrupt a process wait.
   A `/bin/sh` guard kills the process group when the worker goes away, even by SIGKILL.
 
-Limits: the server machine must be a Ray node (the driver needs a local raylet; `ray://`
-Ray Client addresses are not supported). Ray work cannot outlive its driver, so `close`
-stops it and `adopt` after a server restart reports the attempt `lost`.
+When the server stops or dies, its bridge sees the end of its stdin: it cancels what Ray has
+not started yet and lets the running attempts finish, still writing their logs and
+`ray.json`, then exits. The next server's `adopt` reads `ray.json`: an ended attempt is
+reported, a running one is watched through the file (and signalled through its control
+port) until it ends, and one that never started goes back to the queue.
+
+Limit: the server machine must be a Ray node (the driver needs a local raylet); `ray://`
+Ray Client addresses are not supported.
 """
 
 from __future__ import annotations
@@ -46,16 +52,21 @@ from pathlib import Path
 from typing import IO, Any
 
 from velda.engines.base import EngineError, EngineEvents, Handle, Launch
+from velda.engines.local import NotStartedError
 from velda.models import Exit, Pool, Reason, Resources
 
 log = logging.getLogger("velda.engines.ray")
 
+STATE_FILE = "ray.json"
 _BRIDGE_CMD = "from velda.engines.ray import bridge_main; bridge_main()"
 _LINE_LIMIT = 64 * 1024 * 1024  # one start command carries the task's whole environment
 _PROBE_TIMEOUT_S = 2.0
+_ADOPT_POLL_S = 0.5
 _WORKDIRS = ("shared", "upload")
 _UPLOAD_LIMIT = 512 * 1024 * 1024  # Ray's own limit for a working_dir
 _UPLOAD_SKIP = frozenset({".git", "__pycache__"})
+
+Control = tuple[str, int, str]  # node host, port, token
 
 
 # ---------------------------------------------------------------- engine (server process)
@@ -67,6 +78,7 @@ class _Attempt:
     attempt: int
     stderr_path: Path
     handle: Handle
+    control: Control | None = None  # adopted attempts are signalled directly
 
 
 @dataclass
@@ -74,6 +86,9 @@ class _Bridge:
     proc: asyncio.subprocess.Process
     reader: asyncio.Task[None] | None = None
     fatal: str | None = None
+
+    def healthy(self) -> bool:
+        return self.proc.returncode is None and self.fatal is None
 
 
 class RayEngine:
@@ -99,7 +114,9 @@ class RayEngine:
         self.connect_timeout_s = float(str(options.get("connect_timeout", 30)))
         self.head_timeout_s = float(str(options.get("head_timeout", 15)))
         self._bridge: _Bridge | None = None
-        self._attempts: dict[str, _Attempt] = {}
+        self._attempts: dict[str, _Attempt] = {}  # handed to the current bridge
+        self._adopted: dict[str, _Attempt] = {}  # run by an earlier server's bridge
+        self._watchers: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
 
     def capacity(self) -> Resources:
@@ -117,9 +134,9 @@ class RayEngine:
         self._attempts[key] = _Attempt(launch.task_id, launch.attempt, launch.stderr_path, handle)
         await self._send(bridge, {
             "op": "start", "key": key, "argv": launch.argv, "cwd": launch.cwd,
-            "env": self._task_env(launch), "upload": upload,
+            "env": self._task_env(launch), "upload": upload, "options": ray_options(launch),
             "stdout": str(launch.stdout_path), "stderr": str(launch.stderr_path),
-            "options": ray_options(launch),
+            "state": str(launch.attempt_dir / STATE_FILE),
         })
         if self._bridge is not bridge and key in self._attempts:  # it died before we sent
             self._lost(self._attempts.pop(key), "the pool's Ray driver exited")
@@ -132,37 +149,57 @@ class RayEngine:
         await self._to_attempt(handle, {"op": "cancel", "grace_s": grace_s})
 
     async def adopt(self, task_id: str, attempt: int, handle: Handle, launch: Launch) -> None:
-        # The bridge that owned this attempt died with the old server, and Ray killed the
-        # work it owned: there is nothing left to re-attach to.
-        _append(launch.stderr_path, "velda: the server restarted; work on a Ray cluster does "
-                "not outlive the server's Ray driver, so this attempt was lost\n")
-        self.events.exited(task_id, attempt, Exit(None, None, Reason.LOST))
+        path = launch.attempt_dir / STATE_FILE
+        state = await _settled_state(path)
+        if state is None or _never_started(state):
+            raise NotStartedError(task_id)
+        key = f"{task_id}/{attempt}"
+        tracked = _Attempt(task_id, attempt, launch.stderr_path, {"key": key,
+                                                                  "address": self.address})
+        self._adopted[key] = tracked
+        if self._follow_state(tracked, state):
+            return
+        watcher = asyncio.create_task(self._watch_adopted(tracked, path, state))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
 
     async def close(self) -> None:
-        bridge, self._bridge = self._bridge, None
+        """Running attempts run on: the bridge finishes them and exits; the next server
+        adopts them."""
+        for watcher in list(self._watchers):
+            watcher.cancel()
         self._attempts.clear()
+        self._adopted.clear()
+        bridge, self._bridge = self._bridge, None
         if bridge is None:
             return
         if bridge.reader is not None:
             bridge.reader.cancel()
-        await _stop_process(bridge.proc)
+        if bridge.proc.stdin is not None:
+            bridge.proc.stdin.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(bridge.proc.wait(), 2)  # at once when nothing runs
 
     # --- the bridge process
 
     async def _ensure_bridge(self) -> _Bridge:
         async with self._lock:
+            bridge = self._bridge
+            if bridge is not None and bridge.healthy():
+                return bridge  # its watchdog keeps an eye on the head
             error = await asyncio.to_thread(probe, self.address)
+            if error is None and bridge is not None:
+                error = bridge.fatal
             if error is not None:
                 raise EngineError(f"ray cluster at {self.address} is not reachable: {error}")
-            if self._bridge is None or self._bridge.proc.returncode is not None:
-                self._bridge = await self._spawn()
+            self._bridge = await self._spawn()
             return self._bridge
 
     async def _spawn(self) -> _Bridge:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", _BRIDGE_CMD, self.address, str(self.head_timeout_s),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=bridge_env(),
-            start_new_session=True,  # a Ctrl-C of a foreground server reaches the server only
+            start_new_session=True,  # it outlives the server, and a Ctrl-C of the server
         )
         try:
             message = await asyncio.wait_for(_first_event(proc), self.connect_timeout_s)
@@ -187,10 +224,16 @@ class RayEngine:
 
     async def _to_attempt(self, handle: Handle, message: dict[str, Any]) -> None:
         key = handle.get("key")
+        if not isinstance(key, str):
+            return
+        adopted = self._adopted.get(key)
+        if adopted is not None:
+            if adopted.control is not None:
+                await _control(adopted.control, message)
+            return
         bridge = self._bridge
-        if not isinstance(key, str) or key not in self._attempts or bridge is None:
-            return  # already ended (and reported), or never handed to this engine
-        await self._send(bridge, {**message, "key": key})
+        if key in self._attempts and bridge is not None:
+            await self._send(bridge, {**message, "key": key})
 
     async def _read_events(self, bridge: _Bridge) -> None:
         assert bridge.proc.stdout is not None
@@ -215,7 +258,7 @@ class RayEngine:
             self.events.running(attempt.task_id, attempt.attempt, dict(attempt.handle))
         elif kind == "exited":
             del self._attempts[event["key"]]
-            self.events.exited(attempt.task_id, attempt.attempt, exit_of(event))
+            self.events.exited(attempt.task_id, attempt.attempt, exit_of(event["exit"]))
 
     def _bridge_gone(self, bridge: _Bridge, message: str) -> None:
         if self._bridge is bridge:
@@ -236,6 +279,34 @@ class RayEngine:
         if self.server_url:
             env["VELDA_SERVER"] = self.server_url
         return env
+
+    # --- attempts of an earlier server's bridge
+
+    def _follow_state(self, tracked: _Attempt, state: dict[str, Any]) -> bool:
+        """Report what ray.json says that was not reported yet; True once it has ended."""
+        key = tracked.handle["key"]
+        if "control" in state and tracked.control is None:
+            tracked.control = (*state["control"], state["token"])
+            tracked.handle.update(state["node"])
+            self.events.running(tracked.task_id, tracked.attempt, dict(tracked.handle))
+        if "exit" not in state:
+            return False
+        del self._adopted[key]
+        self.events.exited(tracked.task_id, tracked.attempt, exit_of(state["exit"]))
+        return True
+
+    async def _watch_adopted(self, tracked: _Attempt, path: Path, state: dict[str, Any]) -> None:
+        bridge = state["bridge"]
+        while True:
+            await asyncio.sleep(_ADOPT_POLL_S)
+            alive = _same_process(bridge["pid"], bridge["start"])
+            state = _read_state(path) or state  # read after the check: a last write counts
+            if self._follow_state(tracked, state):
+                return
+            if not alive:
+                del self._adopted[tracked.handle["key"]]
+                self._lost(tracked, "the Ray driver of the previous server exited")
+                return
 
 
 def workdir_of(pool: Pool) -> str:
@@ -260,9 +331,9 @@ def ray_options(launch: Launch) -> dict[str, Any]:
     return options
 
 
-def exit_of(event: dict[str, Any]) -> Exit:
-    reason = event.get("reason")
-    return Exit(event.get("code"), event.get("signal"), Reason(reason) if reason else None)
+def exit_of(status: dict[str, Any]) -> Exit:
+    reason = status.get("reason")
+    return Exit(status.get("code"), status.get("signal"), Reason(reason) if reason else None)
 
 
 def gcs_host_port(address: str) -> tuple[str, int] | None:
@@ -311,14 +382,46 @@ async def _first_event(proc: asyncio.subprocess.Process) -> str | None:
     return None if event["ev"] == "ready" else str(event.get("message"))
 
 
-async def _stop_process(proc: asyncio.subprocess.Process) -> None:
-    if proc.stdin is not None:
-        proc.stdin.close()
+def _read_state(path: Path) -> dict[str, Any] | None:
     try:
-        await asyncio.wait_for(proc.wait(), 5)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
+        state: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state
+
+
+async def _settled_state(path: Path) -> dict[str, Any] | None:
+    """ray.json once the attempt is running or ended, or its bridge is gone. A bridge whose
+    server went away cancels what Ray had not started; that takes a moment."""
+    state = _read_state(path)
+    for _ in range(20):
+        if state is None or "control" in state or "exit" in state:
+            return state
+        if not _same_process(state["bridge"]["pid"], state["bridge"]["start"]):
+            return _read_state(path)
+        await asyncio.sleep(_ADOPT_POLL_S)
+        state = _read_state(path)
+    return state
+
+
+def _never_started(state: dict[str, Any]) -> bool:
+    if "exit" in state:
+        return bool(state["exit"].get("unstarted"))
+    bridge = state["bridge"]
+    return "control" not in state and not _same_process(bridge["pid"], bridge["start"])
+
+
+def _start_time(pid: int) -> int | None:
+    """The kernel's start time of pid, to tell a reused pid from the bridge's."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _same_process(pid: int, start: int | None) -> bool:
+    return _start_time(pid) == start and start is not None
 
 
 def _append(path: Path, text: str) -> None:
@@ -329,6 +432,20 @@ def _append(path: Path, text: str) -> None:
         log.warning("cannot write %s: %s", path, e)
 
 
+async def _control(control: Control, message: dict[str, Any]) -> bool:
+    """Send one request to an attempt's control port; True once the node has acted."""
+    host, port, token = control
+    try:
+        async with asyncio.timeout(5):
+            reader, writer = await asyncio.open_connection(host, port)
+            with contextlib.closing(writer):
+                writer.write(json.dumps({**message, "token": token}).encode() + b"\n")
+                await writer.drain()
+                return await reader.readline() == b"ok\n"
+    except (OSError, TimeoutError):
+        return False
+
+
 # ---------------------------------------------------------------- bridge (the Ray driver)
 
 
@@ -337,10 +454,20 @@ class _Run:
     key: str
     stdout: IO[bytes]
     stderr: IO[bytes]
+    state_path: Path
+    state: dict[str, Any]
     gen: Any = None  # the ObjectRefGenerator, once submitted
-    control: tuple[str, int, str] | None = None  # node host, port, token once running
+    control: Control | None = None  # once running
     cancel_grace: float | None = None
+    orphaned: bool = False  # cancelled because the server went away before it started
     exit: dict[str, Any] | None = None
+
+    def save(self) -> None:
+        """ray.json, replaced whole: a reader never sees half of it."""
+        with contextlib.suppress(OSError):
+            tmp = self.state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.state))
+            os.replace(tmp, self.state_path)
 
 
 def bridge_main() -> None:
@@ -361,8 +488,9 @@ def bridge_main() -> None:
 
 
 def _emit(out: IO[bytes], event: dict[str, Any]) -> None:
-    out.write(json.dumps(event).encode() + b"\n")
-    out.flush()
+    with contextlib.suppress(OSError):  # the server may be gone; ray.json still tells
+        out.write(json.dumps(event).encode() + b"\n")
+        out.flush()
 
 
 def _one_line(e: BaseException) -> str:
@@ -371,13 +499,15 @@ def _one_line(e: BaseException) -> str:
 
 
 class Bridge:
-    """The Ray driver of one pool: runs attempts, relays signals, writes the logs."""
+    """The Ray driver of one pool: runs attempts, relays signals, writes logs and ray.json."""
 
     def __init__(self, ray: Any, events: IO[bytes], head_timeout_s: float) -> None:
         self.ray = ray
         self.events = events
         self.head_timeout_s = head_timeout_s
         self.runs: dict[str, _Run] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.me = {"pid": os.getpid(), "start": _start_time(os.getpid())}
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         self.remote = ray.remote(_run_attempt)
 
@@ -385,21 +515,22 @@ class Bridge:
         commands = asyncio.create_task(self._read_commands())
         watchdog = asyncio.create_task(self._watch_head())
         _emit(self.events, {"ev": "ready"})
-        done, _ = await asyncio.wait({commands, watchdog}, return_when=asyncio.FIRST_COMPLETED)
-        if watchdog in done:
-            _emit(self.events, {"ev": "fatal", "message": watchdog.result()})
-        await self._kill_all()
-        return 0 if commands in done else 1
+        await asyncio.wait({commands, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+        if not watchdog.done():
+            await self._drain(watchdog)  # the server went away
+        if watchdog.done():
+            await self._abandon(watchdog.result())
+            return 1
+        return 0
 
     async def _read_commands(self) -> None:
         reader = asyncio.StreamReader(limit=_LINE_LIMIT)
         loop = asyncio.get_running_loop()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        background: set[asyncio.Task[None]] = set()
         while line := await reader.readline():
             task = asyncio.create_task(self._command(json.loads(line)))
-            background.add(task)
-            task.add_done_callback(background.discard)
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     async def _command(self, command: dict[str, Any]) -> None:
         op = command["op"]
@@ -429,11 +560,34 @@ class Bridge:
             if loop.time() - failing_since >= self.head_timeout_s:
                 return f"the head at {address} stopped answering ({error})"
 
+    async def _drain(self, watchdog: asyncio.Task[str]) -> None:
+        """Without a server: drop what has not started, finish what runs."""
+        for run in list(self.runs.values()):
+            if run.control is None:
+                run.orphaned = True
+                await self._cancel(run, 0)
+        while self.runs and not watchdog.done():
+            await asyncio.wait([watchdog], timeout=_ADOPT_POLL_S)
+
+    async def _abandon(self, message: str) -> None:
+        """The cluster is lost: kill what still runs, and say so."""
+        _emit(self.events, {"ev": "fatal", "message": message})
+        runs = list(self.runs.values())
+        kills = [_control(r.control, {"op": "cancel", "grace_s": 0}) for r in runs if r.control]
+        if kills:
+            await asyncio.wait([asyncio.ensure_future(k) for k in kills], timeout=3)
+        for run in runs:
+            run.stderr.write(f"velda: ray cluster: {message}; this attempt was lost\n".encode())
+            run.state["exit"] = {"code": None, "signal": None, "reason": Reason.LOST.value}
+            run.save()
+
     # --- one attempt
 
     async def _run(self, command: dict[str, Any]) -> None:
         key = command["key"]
-        run = _Run(key, _open_log(command["stdout"]), _open_log(command["stderr"]))
+        run = _Run(key, _open_log(command["stdout"]), _open_log(command["stderr"]),
+                   Path(command["state"]), {"bridge": self.me})
+        run.save()
         self.runs[key] = run
         try:
             result = await self._follow(run, command)
@@ -441,7 +595,9 @@ class Bridge:
             del self.runs[key]
             run.stdout.close()
             run.stderr.close()
-        _emit(self.events, {"ev": "exited", "key": key, **result})
+        run.state["exit"] = result
+        run.save()
+        _emit(self.events, {"ev": "exited", "key": key, "exit": result})
 
     async def _follow(self, run: _Run, command: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -474,7 +630,10 @@ class Bridge:
             run.stderr.write(payload)
         elif kind == "start":
             host, port = payload["control"]
-            run.control = (host, port, payload.pop("token"))
+            token = payload.pop("token")
+            run.control = (host, port, token)
+            run.state.update(node=payload, control=[host, port], token=token)
+            run.save()
             _emit(self.events, {"ev": "running", "key": run.key, "node": payload})
             if run.cancel_grace is not None:
                 await self._cancel(run, run.cancel_grace)
@@ -485,7 +644,8 @@ class Bridge:
         exceptions = self.ray.exceptions
         if run.cancel_grace is not None or isinstance(e, exceptions.TaskCancelledError):
             if run.control is None:
-                return {"code": None, "signal": None, "reason": Reason.CANCELLED.value}
+                return {"code": None, "signal": None, "reason": Reason.CANCELLED.value,
+                        "unstarted": run.orphaned}
             return {"code": None, "signal": signal.SIGKILL, "reason": Reason.SIGNAL.value}
         if isinstance(e, exceptions.RuntimeEnvSetupError | exceptions.RayTaskError):
             return self._note(run, f"could not run it: {_one_line(e)}", Reason.ENGINE_ERROR)
@@ -515,12 +675,6 @@ class Bridge:
         # the node side then kills the process group).
         await asyncio.to_thread(self.ray.cancel, run.gen)
 
-    async def _kill_all(self) -> None:
-        running = [r.control for r in self.runs.values() if r.control is not None]
-        kills = [_control(c, {"op": "cancel", "grace_s": 0}) for c in running]
-        if kills:
-            await asyncio.wait([asyncio.ensure_future(k) for k in kills], timeout=3)
-
 
 def pack_directory(path: str) -> bytes:
     """A gzipped tarball of the directory (modes kept, so scripts stay executable)."""
@@ -547,24 +701,10 @@ def _open_log(path: str) -> IO[bytes]:
     return open(path, "ab", buffering=0)
 
 
-async def _control(control: tuple[str, int, str], message: dict[str, Any]) -> bool:
-    """Send one request to an attempt's control port; True once the node has acted."""
-    host, port, token = control
-    try:
-        async with asyncio.timeout(5):
-            reader, writer = await asyncio.open_connection(host, port)
-            with contextlib.closing(writer):
-                writer.write(json.dumps({**message, "token": token}).encode() + b"\n")
-                await writer.drain()
-                return await reader.readline() == b"ok\n"
-    except (OSError, TimeoutError):
-        return False
-
-
 # ---------------------------------------------------------------- node (inside a Ray worker)
 # Pickled by value and run on the nodes: the standard library and ray only, no velda.
 
-_READ_SIZE = 32 * 1024  # chunks stay under Ray's 100 KiB inline limit: no object store
+_READ_SIZE = 1048576  # test
 _DRAIN_S = 1.0  # how long the pipes may stay open after the command exits
 
 
@@ -660,6 +800,7 @@ def _pump(proc: subprocess.Popen[bytes]) -> Iterator[tuple[str, bytes]]:
     """The process's output in order per stream, until both pipes close."""
     import queue
     import threading
+    import time
 
     chunks: queue.SimpleQueue[tuple[str, bytes | None]] = queue.SimpleQueue()
     for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
@@ -671,6 +812,8 @@ def _pump(proc: subprocess.Popen[bytes]) -> Iterator[tuple[str, bytes]]:
             first = chunks.get(timeout=0.2)
         except queue.Empty:
             deadline = _drain_deadline(proc, deadline)
+            if deadline is not None and time.monotonic() > deadline + _DRAIN_S:
+                break  # something outside the group holds a pipe: stop waiting for it
             continue
         buffers, ended = _gather(first, chunks)
         open_pipes -= ended

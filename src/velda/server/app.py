@@ -84,7 +84,11 @@ class Api:
     async def submit(self, request: Request, principal: Principal) -> Response:
         req = SubmitRequest.from_json(await self.body(request))
         task = await self.runtime.submit(req, principal.scope)
-        return JSONResponse(task_detail(task, self.store), status_code=201)
+        data = task_detail(task, self.store)
+        notice = self.runtime.notice_for(self.runtime.pool(task.pool))
+        if notice:
+            data["notice"] = notice
+        return JSONResponse(data, status_code=201)
 
     async def list_tasks(self, request: Request, principal: Principal) -> Response:
         q = request.query_params

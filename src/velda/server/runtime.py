@@ -9,7 +9,6 @@ place that writes a final status is `_finalize` (a final status never changes ex
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import time
 from collections import deque
@@ -39,7 +38,6 @@ from velda.server.refs import Resolver
 from velda.server.retry import reopen
 from velda.store.sqlite import SqliteStore
 
-log = logging.getLogger("velda.server")
 S = TaskStatus
 CANCEL_GRACE_S = 10.0
 _OWN_VELDA_VARS = ("VELDA_TASK_ID", "VELDA_TASK_NAME", "VELDA_POOL", "VELDA_ATTEMPT",
@@ -83,40 +81,38 @@ class Runtime:
             raise BadRequest(f"unknown pool '{pool_name}'; pools: {known}", "pool")
         return pool
 
-    def engine_for(self, pool: Pool) -> Engine:
-        engine = self.engines.get(pool.engine)
-        if engine is None:
-            engine = self._load_engine(pool)
-        return engine
-
-    def _load_engine(self, pool: Pool) -> Engine:
-        from velda.engines import load_engine
-
-        engine = load_engine(pool, self)
-        self.engines[pool.engine if pool.engine == "local" else f"{pool.engine}:{pool.name}"] = (
-            engine
-        )
-        return engine
-
     def engine_of(self, pool_name: str) -> Engine:
-        pool = self.config.pool(pool_name) or self.config.pool("shell")
-        assert pool is not None
-        if pool.engine == "local":
+        """The engine serving a pool; one per remote pool, made on first use. A pool that
+        left velda.toml while it had tasks is served by the local engine."""
+        pool = self.config.pool(pool_name)
+        if pool is None or pool.engine == "local":
             return self.local
         key = f"{pool.engine}:{pool.name}"
-        return self.engines.get(key) or self._load_engine(pool)
+        if key not in self.engines:
+            from velda.engines import load_engine
+
+            self.engines[key] = load_engine(pool, self)
+        return self.engines[key]
 
     def need_of(self, pool: Pool) -> Resources:
         """What a task of a local pool holds; a cpu-N larger than the machine gets all of it."""
         return pool.resources.clamp(self.local.capacity())
 
+    def notice_for(self, pool: Pool) -> str | None:
+        machine = self.local.capacity()
+        if pool.engine != "local" or pool.resources.cpus <= machine.cpus:
+            return None
+        return (
+            f"pool {pool.name} asks for {pool.resources.cpus:g} CPUs and this machine has "
+            f"{machine.cpus:g}: each of its tasks runs alone on all of them"
+        )
+
     # --- submit
 
     async def submit(self, req: SubmitRequest, scope: int | None) -> Task:
         pool = self.pool(req.pool)
-        engine = self.engine_of(pool.name)
         try:
-            await engine.check(pool)
+            await self.engine_of(pool.name).check(pool)
         except EngineError as e:
             raise BadRequest(str(e), "pool") from e
         self._check_submit(req, pool, scope)
