@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import importlib
 import io
 import json
@@ -704,7 +705,9 @@ def _open_log(path: str) -> IO[bytes]:
 # ---------------------------------------------------------------- node (inside a Ray worker)
 # Pickled by value and run on the nodes: the standard library and ray only, no velda.
 
-_READ_SIZE = 1048576  # test
+_READ_SIZE = 96 * 1024  # a chunk stays under Ray's 100 KiB inline limit: no object store
+_PIPE_SIZE = 1024 * 1024
+_LINGER_S = 0.005
 _DRAIN_S = 1.0  # how long the pipes may stay open after the command exits
 
 
@@ -798,54 +801,75 @@ def _status(returncode: int) -> dict[str, Any]:
 
 def _pump(proc: subprocess.Popen[bytes]) -> Iterator[tuple[str, bytes]]:
     """The process's output in order per stream, until both pipes close."""
-    import queue
-    import threading
     import time
 
-    chunks: queue.SimpleQueue[tuple[str, bytes | None]] = queue.SimpleQueue()
-    for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
-        assert pipe is not None
-        threading.Thread(target=_read_pipe, args=(pipe, name, chunks), daemon=True).start()
-    open_pipes, deadline = 2, None
-    while open_pipes:
-        try:
-            first = chunks.get(timeout=0.2)
-        except queue.Empty:
+    output = _Output(proc)
+    deadline = None
+    while output.open():
+        chunks, idle = output.read()
+        yield from chunks
+        if idle:
             deadline = _drain_deadline(proc, deadline)
             if deadline is not None and time.monotonic() > deadline + _DRAIN_S:
                 break  # something outside the group holds a pipe: stop waiting for it
-            continue
-        buffers, ended = _gather(first, chunks)
-        open_pipes -= ended
-        yield from ((name, bytes(data)) for name, data in buffers.items() if data)
+    yield from output.flush()
     proc.wait()
 
 
-def _read_pipe(pipe: IO[bytes], name: str, chunks: Any) -> None:
-    with pipe:
-        while data := os.read(pipe.fileno(), _READ_SIZE):
-            chunks.put((name, data))
-    chunks.put((name, None))
+class _Output:
+    """The command's two pipes, read into chunks of up to _READ_SIZE. A chunk goes out once
+    full, at the end of its pipe, or _LINGER_S after its first byte: each chunk costs a Ray
+    round trip, and a writer's small writes would otherwise each make one."""
 
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        import selectors
 
-def _gather(first: tuple[str, bytes | None], chunks: Any) -> tuple[dict[str, bytearray], int]:
-    """Merge what is already queued into one chunk per stream (fewer, larger yields)."""
-    import queue
+        self.pipes = selectors.DefaultSelector()
+        for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+            assert pipe is not None
+            with contextlib.suppress(OSError):  # larger reads, fewer chunks
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+            self.pipes.register(pipe, selectors.EVENT_READ, name)
+        self.buffers = {"stdout": bytearray(), "stderr": bytearray()}
+        self.flush_at: float | None = None
 
-    buffers = {"stdout": bytearray(), "stderr": bytearray()}
-    ended, item = 0, first
-    while True:
-        name, data = item
-        if data is None:
-            ended += 1
-        else:
-            buffers[name] += data
-        if max(len(b) for b in buffers.values()) >= _READ_SIZE:
-            return buffers, ended
-        try:
-            item = chunks.get_nowait()
-        except queue.Empty:
-            return buffers, ended
+    def open(self) -> bool:
+        return bool(self.pipes.get_map())
+
+    def read(self) -> tuple[list[tuple[str, bytes]], bool]:
+        """Chunks ready to go out, and whether nothing came for a while."""
+        import time
+
+        now = time.monotonic()
+        timeout = 0.2 if self.flush_at is None else max(0.0, self.flush_at - now)
+        ready = self.pipes.select(timeout)
+        chunks = [chunk for key, _ in ready for chunk in self._read_one(key)]
+        now = time.monotonic()
+        if self.flush_at is not None and now >= self.flush_at:
+            chunks += self.flush()
+        elif self.flush_at is None and any(self.buffers.values()):
+            self.flush_at = now + _LINGER_S
+        return chunks, not ready
+
+    def _read_one(self, key: Any) -> list[tuple[str, bytes]]:
+        buffer = self.buffers[key.data]
+        data = os.read(key.fd, _READ_SIZE - len(buffer))
+        buffer += data
+        if not data:
+            self.pipes.unregister(key.fileobj)
+            key.fileobj.close()
+        if (data and len(buffer) < _READ_SIZE) or not buffer:
+            return []
+        chunk = bytes(buffer)
+        buffer.clear()
+        return [(key.data, chunk)]
+
+    def flush(self) -> list[tuple[str, bytes]]:
+        self.flush_at = None
+        chunks = [(name, bytes(b)) for name, b in self.buffers.items() if b]
+        for buffer in self.buffers.values():
+            buffer.clear()
+        return chunks
 
 
 def _drain_deadline(proc: subprocess.Popen[bytes], deadline: float | None) -> float | None:

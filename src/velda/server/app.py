@@ -101,7 +101,8 @@ class Api:
                 parent_task, principal.scope
             ):
                 raise BadRequest(f"task {parent} is outside this task's subtree", "parent", 403)
-        size = _opt_int(q.get("page_size"), "page_size") or 50
+        size = _opt_int(q.get("page_size"), "page_size")
+        size = 50 if size is None else size
         if not 1 <= size <= MAX_PAGE:
             raise BadRequest(f"page_size: must be from 1 to {MAX_PAGE}", "page_size")
         statuses = [s.strip().upper() for v in q.getlist("status") for s in v.split(",") if s]
