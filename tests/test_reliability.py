@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -112,3 +114,23 @@ def test_kill_9_while_a_task_keeps_running_afterwards(velda: Velda, tmp_path: Pa
     assert velda.log(task_id).stdout == "before\nafter\n"
     follow = velda.run("vrun", "--after", task_id, "echo", "chained", check=True)
     assert follow.stdout == "chained\n"
+
+
+def test_concurrent_submitters_get_unique_ids_and_their_own_tasks(velda: Velda) -> None:
+    velda.vbatch("true")  # start the server once
+    script = 'for i in $(seq 1 25); do vbatch -q echo "$1-$i"; done'
+    procs = [
+        subprocess.Popen(["bash", "-c", script, "_", f"s{n}"], env=velda.env, cwd=velda.cwd,
+                         stdout=subprocess.PIPE, text=True)
+        for n in range(8)
+    ]
+    ids = {f"s{n}": p.communicate(timeout=300)[0].split() for n, p in enumerate(procs)}
+    every = [i for batch in ids.values() for i in batch]
+    assert len(every) == 200 and len(set(every)) == 200
+    listed = velda.run("velda", "task", "list", "-a", "--max-results", "1000", "-o", "json",
+                       check=True).stdout
+    command_of = {t["id"]: t["command"] for t in json.loads(listed)["tasks"]}
+    for submitter, batch in ids.items():
+        assert [command_of[i] for i in batch] == [
+            ["echo", f"{submitter}-{i}"] for i in range(1, 26)
+        ]

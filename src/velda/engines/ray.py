@@ -807,12 +807,14 @@ def _pump(proc: subprocess.Popen[bytes]) -> Iterator[tuple[str, bytes]]:
     deadline = None
     while output.open():
         chunks, idle = output.read()
-        yield from chunks
+        for chunk in chunks:  # not `yield from`: Ray calls send() on this generator
+            yield chunk
         if idle:
             deadline = _drain_deadline(proc, deadline)
             if deadline is not None and time.monotonic() > deadline + _DRAIN_S:
                 break  # something outside the group holds a pipe: stop waiting for it
-    yield from output.flush()
+    for chunk in output.flush():
+        yield chunk
     proc.wait()
 
 
