@@ -11,7 +11,7 @@ import pytest
 from velda_cli import Velda
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ml-pipeline"
-pytest_plugins = ["browser"]
+pytest_plugins = ["browser", "ray_cluster"]
 
 
 @pytest.fixture

@@ -124,10 +124,11 @@ def _serve(out: IO[str], single: bool) -> None:
         **({"num_cpus": 1} if single else HEAD), "object_store_memory": OBJECT_STORE_BYTES,
         "include_dashboard": False, "temp_dir": temp_dir,
     })
+    head: Any = cluster.head_node
     node2 = None if single else _add_node2(cluster)
     cluster.wait_for_nodes()
     node2_id = node2.node_id if node2 else "-"
-    _say(out, f"{cluster.address} {cluster.head_node.node_id} {node2_id}")
+    _say(out, f"{cluster.address} {head.node_id} {node2_id}")
     gcs_killed = False
     try:
         for line in sys.stdin:
@@ -137,7 +138,7 @@ def _serve(out: IO[str], single: bool) -> None:
                 node2 = _add_node2(cluster)
                 _say(out, node2.node_id)
             elif line.strip() == "kill-gcs":
-                cluster.head_node.kill_gcs_server()
+                head.kill_gcs_server()
                 gcs_killed = True
                 _say(out, "killed")
     finally:

@@ -23,8 +23,7 @@ from typing import Any
 import pytest
 
 from ray_cluster import RayCluster, start_cluster
-from velda.engines.base import EngineError, Handle, Launch
-from velda.engines.local import NotStartedError
+from velda.engines.base import EngineError, Handle, Launch, NotStartedError
 from velda.engines.ray import RayEngine
 from velda.models import Exit, Pool, Reason, Resources
 

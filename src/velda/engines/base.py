@@ -47,6 +47,11 @@ class EngineError(Exception):
     """The engine cannot do what was asked (cluster unreachable, bad pool option, ...)."""
 
 
+class NotStartedError(Exception):
+    """Raised by adopt(): the attempt never started (the server died between recording the
+    start and the engine starting it), so it can safely be queued again."""
+
+
 class Engine(Protocol):
     name: str
     places_work: bool

@@ -19,7 +19,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from velda.engines.base import EngineError, EngineEvents, Handle, Launch
+from velda.engines.base import EngineError, EngineEvents, Handle, Launch, NotStartedError
 from velda.models import Exit, Pool, Reason, Resources
 
 _WRAPPER = r"""
@@ -181,10 +181,6 @@ class LocalEngine:
             # the wrapper itself was killed (SIGKILL after a cancel's grace period)
             return Exit.from_signal(os.WTERMSIG(wait_status))
         return Exit(None, None, Reason.LOST)
-
-
-class NotStartedError(Exception):
-    """A RUNNING task whose process never started (the server died in between)."""
 
 
 def _killpg(handle: Handle, signum: int) -> None:

@@ -52,8 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from velda.engines.base import EngineError, EngineEvents, Handle, Launch
-from velda.engines.local import NotStartedError
+from velda.engines.base import EngineError, EngineEvents, Handle, Launch, NotStartedError
 from velda.models import Exit, Pool, Reason, Resources
 
 log = logging.getLogger("velda.engines.ray")
@@ -83,7 +82,7 @@ class _Attempt:
 
 
 @dataclass
-class _Bridge:
+class _BridgeProcess:
     proc: asyncio.subprocess.Process
     reader: asyncio.Task[None] | None = None
     fatal: str | None = None
@@ -114,7 +113,7 @@ class RayEngine:
         self.server_url = str(server_url) if server_url else None
         self.connect_timeout_s = float(str(options.get("connect_timeout", 30)))
         self.head_timeout_s = float(str(options.get("head_timeout", 15)))
-        self._bridge: _Bridge | None = None
+        self._bridge: _BridgeProcess | None = None
         self._attempts: dict[str, _Attempt] = {}  # handed to the current bridge
         self._adopted: dict[str, _Attempt] = {}  # run by an earlier server's bridge
         self._watchers: set[asyncio.Task[None]] = set()
@@ -183,7 +182,7 @@ class RayEngine:
 
     # --- the bridge process
 
-    async def _ensure_bridge(self) -> _Bridge:
+    async def _ensure_bridge(self) -> _BridgeProcess:
         async with self._lock:
             bridge = self._bridge
             if bridge is not None and bridge.healthy():
@@ -196,7 +195,7 @@ class RayEngine:
             self._bridge = await self._spawn()
             return self._bridge
 
-    async def _spawn(self) -> _Bridge:
+    async def _spawn(self) -> _BridgeProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", _BRIDGE_CMD, self.address, str(self.head_timeout_s),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=bridge_env(),
@@ -211,11 +210,11 @@ class RayEngine:
                 proc.kill()  # it may be stuck in ray.init
             await proc.wait()
             raise EngineError(f"ray cluster at {self.address} is not reachable: {message}")
-        bridge = _Bridge(proc)
+        bridge = _BridgeProcess(proc)
         bridge.reader = asyncio.create_task(self._read_events(bridge))
         return bridge
 
-    async def _send(self, bridge: _Bridge, message: dict[str, Any]) -> None:
+    async def _send(self, bridge: _BridgeProcess, message: dict[str, Any]) -> None:
         assert bridge.proc.stdin is not None
         try:
             bridge.proc.stdin.write(json.dumps(message).encode() + b"\n")
@@ -236,7 +235,7 @@ class RayEngine:
         if key in self._attempts and bridge is not None:
             await self._send(bridge, {**message, "key": key})
 
-    async def _read_events(self, bridge: _Bridge) -> None:
+    async def _read_events(self, bridge: _BridgeProcess) -> None:
         assert bridge.proc.stdout is not None
         while line := await bridge.proc.stdout.readline():
             try:
@@ -246,7 +245,7 @@ class RayEngine:
         code = await bridge.proc.wait()
         self._bridge_gone(bridge, bridge.fatal or f"the pool's Ray driver exited (code {code})")
 
-    def _on_event(self, bridge: _Bridge, event: dict[str, Any]) -> None:
+    def _on_event(self, bridge: _BridgeProcess, event: dict[str, Any]) -> None:
         kind = event["ev"]
         if kind == "fatal":
             bridge.fatal = str(event["message"])
@@ -261,7 +260,7 @@ class RayEngine:
             del self._attempts[event["key"]]
             self.events.exited(attempt.task_id, attempt.attempt, exit_of(event["exit"]))
 
-    def _bridge_gone(self, bridge: _Bridge, message: str) -> None:
+    def _bridge_gone(self, bridge: _BridgeProcess, message: str) -> None:
         if self._bridge is bridge:
             self._bridge = None
         log.warning("ray cluster at %s: %s", self.address, message)
@@ -495,6 +494,9 @@ def _emit(out: IO[bytes], event: dict[str, Any]) -> None:
 
 
 def _one_line(e: BaseException) -> str:
+    cause = getattr(e, "cause", None)  # a RayTaskError's first line names only the task
+    if isinstance(cause, BaseException) and cause is not e:
+        e = cause
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
@@ -508,6 +510,7 @@ class Bridge:
         self.head_timeout_s = head_timeout_s
         self.runs: dict[str, _Run] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.orphaned = False  # the server went away
         self.me = {"pid": os.getpid(), "start": _start_time(os.getpid())}
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         self.remote = ray.remote(_run_attempt)
@@ -563,6 +566,7 @@ class Bridge:
 
     async def _drain(self, watchdog: asyncio.Task[str]) -> None:
         """Without a server: drop what has not started, finish what runs."""
+        self.orphaned = True
         for run in list(self.runs.values()):
             if run.control is None:
                 run.orphaned = True
@@ -578,7 +582,9 @@ class Bridge:
         if kills:
             await asyncio.wait([asyncio.ensure_future(k) for k in kills], timeout=3)
         for run in runs:
-            run.stderr.write(f"velda: ray cluster: {message}; this attempt was lost\n".encode())
+            if self.orphaned:  # else the engine says it
+                run.stderr.write(f"velda: ray cluster: {message}; this attempt was lost\n"
+                                 .encode())
             run.state["exit"] = {"code": None, "signal": None, "reason": Reason.LOST.value}
             run.save()
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from velda.config import Config
-from velda.engines.base import Engine, EngineError, Handle, Launch
-from velda.engines.local import LocalEngine, NotStartedError
+from velda.engines.base import Engine, EngineError, Handle, Launch, NotStartedError
+from velda.engines.local import LocalEngine
 from velda.models import (
     NEVER_RAN_STATES,
     Allocation,
@@ -390,13 +390,24 @@ class Runtime:
         launch = self.launch_of(task)
         engine = self.engine_of(task.pool)
         try:
-            await engine.start(launch)
+            handle = await engine.start(launch)
         except EngineError as e:
             _append(launch.stderr_path, f"velda: {e}\n")
             self.exited(str(task.id), task.attempt, Exit(None, None, Reason.ENGINE_ERROR))
             return
+        if engine.places_work:
+            self._keep_handle(task.id, task.attempt, handle)
         if task.timeout_s:
             self._arm_timeout(task)
+
+    def _keep_handle(self, task_id: int, attempt: int, handle: Handle) -> None:
+        """What a remote engine needs to cancel or signal a task it has not started yet."""
+        task = self.store.get(task_id)
+        if task is None or task.attempt != attempt or task.status != S.QUEUED:
+            return  # already running (running() stored its handle) or already ended
+        with self.store.transaction():
+            task.handle = {**handle, "submitted": True}
+            self.store.update(task, "handle")
 
     def launch_of(self, task: Task) -> Launch:
         attempt_dir = self.attempt_dir(task.id, task.attempt)
