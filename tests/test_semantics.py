@@ -139,3 +139,23 @@ def test_first_command_starts_the_server_with_private_state(velda: Velda) -> Non
     assert (velda.home / "velda.db").exists()
     mode = os.stat(velda.home).st_mode & 0o777
     assert mode & 0o077 == 0
+
+
+def test_log_follow_waits_for_a_queued_task_and_returns_when_it_ends(
+    velda: Velda, tmp_path: Path
+) -> None:
+    import subprocess
+
+    gate = tmp_path / "gate"
+    first = velda.vbatch("--name", "first", "bash", "-c",
+                         f"while [ ! -e {gate} ]; do sleep 0.02; done")
+    second = velda.vbatch("--after-success", first, "sh", "-c", "echo one; echo two >&2")
+    follower = subprocess.Popen(
+        ["velda", "task", "log", "-f", second], env=velda.env, cwd=velda.cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert velda.get(second)["status"] == "PENDING"
+    gate.touch()
+    out, err = follower.communicate(timeout=60)
+    assert (out, err, follower.returncode) == ("one\n", "two\n", 0)
+    assert velda.get(second)["status"] == "SUCCESS"
