@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 from velda.engines.base import EngineError, EngineEvents, Handle, Launch, NotStartedError
+from velda.engines.pids import start_time
 from velda.models import Exit, Pool, Reason, Resources
 
 _WRAPPER = r"""
@@ -60,15 +61,6 @@ def exit_from_status(code: int) -> Exit:
     if 128 < code <= 128 + 64:
         return Exit.from_signal(code - 128)
     return Exit.from_code(code)
-
-
-def _start_time(pid: int) -> int | None:
-    """The kernel's start time of pid (clock ticks), to tell a reused pid from ours."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def _read_int(path: Path) -> int | None:
@@ -120,7 +112,7 @@ class LocalEngine:
             )
         except OSError as e:
             raise EngineError(f"cannot start {_SH}: {e.strerror}") from e
-        handle: Handle = {"pid": pid, "start": _start_time(pid), "dir": str(launch.attempt_dir)}
+        handle: Handle = {"pid": pid, "start": start_time(pid), "dir": str(launch.attempt_dir)}
         self._watch(launch, pid, own_child=True)
         self.events.running(launch.task_id, launch.attempt, handle)
         return handle
@@ -128,13 +120,13 @@ class LocalEngine:
     async def adopt(self, task_id: str, attempt: int, handle: Handle, launch: Launch) -> None:
         pid = handle.get("pid") or _read_int(launch.attempt_dir / "pid")
         alive = pid is not None and (
-            handle.get("start") is None or _start_time(pid) == handle.get("start")
+            handle.get("start") is None or start_time(pid) == handle.get("start")
         )
         if pid is None and not (launch.attempt_dir / "status").exists():
             raise NotStartedError(task_id)
         if alive and pid is not None and self._watch(launch, pid, own_child=False):
             if "pid" not in handle:
-                self.events.running(task_id, attempt, {"pid": pid, "start": _start_time(pid)})
+                self.events.running(task_id, attempt, {"pid": pid, "start": start_time(pid)})
             return
         self.events.exited(task_id, attempt, self._read_exit(launch.attempt_dir, None))
 
@@ -187,7 +179,7 @@ def _killpg(handle: Handle, signum: int) -> None:
     pid = handle.get("pid")
     if not isinstance(pid, int):
         return
-    if handle.get("start") is not None and _start_time(pid) != handle.get("start"):
+    if handle.get("start") is not None and start_time(pid) != handle.get("start"):
         return  # the process is gone and its pid was reused
     try:
         os.killpg(pid, signum)
