@@ -1,131 +1,290 @@
-"""The Ray engine on a local two-node Ray cluster (tests/ray_cluster.py), driven directly.
+"""A Ray pool next to the local pool and next to Ray's own APIs, on one Ray cluster.
 
-Progress goes to stderr, one Markdown table to stdout:
+Starts a one-node Ray cluster (2 CPUs, with its dashboard: the Jobs API needs it) and a private
+velda server (a temporary VELDA_HOME) whose velda.toml has a Ray pool on that cluster, then
+runs trivial tasks (`true`) four ways. Progress goes to stderr, one Markdown table to stdout:
 
     python bench/ray_bench.py [--quick]
 
-Rows: submit-to-running and submit-to-exit of `true` (median of N, one at a time); N trivial
-tasks submitted at once; a task writing M MiB to stdout next to the same command writing to a
-file; memory of the engine's bridge process (the Ray driver).
+Rows: velda's local pool `shell`; velda's Ray pool (1 CPU per task); Ray's tasks API, a remote
+function that runs `true` in a subprocess (the floor under the Ray pool: what the engine adds
+is the rest); Ray's Job Submission API with `true` as the entrypoint. Columns: submit to start
+and submit to done (medians of tasks run one at a time), and tasks per second when many are
+submitted at once (from the first submit to the end of the last). "Start" is what each system
+records: velda's `started_at - created_at` (for Ray, when the command really started on the
+node); for a Ray task the time its function began; for a job, when its status left PENDING
+(polled every 5 ms).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import os
+import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from ray_cluster import start_cluster  # noqa: E402 - tests/ray_cluster.py
-from velda.engines.base import Handle, Launch  # noqa: E402
-from velda.engines.ray import RayEngine  # noqa: E402
-from velda.models import Exit, Pool, Resources  # noqa: E402
-
-
-class Events:
-    def __init__(self) -> None:
-        self.started: dict[str, float] = {}
-        self.ended: dict[str, tuple[float, Exit]] = {}
-
-    def running(self, task_id: str, attempt: int, handle: Handle) -> None:
-        self.started[task_id] = time.monotonic()
-
-    def exited(self, task_id: str, attempt: int, exit: Exit) -> None:
-        self.ended[task_id] = (time.monotonic(), exit)
+BIN = Path(sys.executable).parent
+FINAL = {"SUCCESS", "FAILURE", "FAILED_UPSTREAM", "SKIPPED", "CANCELLED"}
+START_TIMEOUT_S = 120
+POLL_S = 0.005
 
 
-class Bench:
-    def __init__(self, address: str, work: Path) -> None:
-        self.events = Events()
-        self.pool = Pool("ray", "ray", Resources(cpus=1), {"address": address})
-        self.engine = RayEngine(self.pool, self.events)
-        self.work = work
-        self.count = 0
-
-    def launch(self, argv: list[str]) -> Launch:
-        self.count += 1
-        task_dir = self.work / str(self.count)
-        task_dir.mkdir()
-        return Launch(str(self.count), 1, argv, str(self.work), {"PATH": os.environ["PATH"]},
-                      self.pool, (), task_dir, task_dir / "stdout", task_dir / "stderr")
-
-    async def run(self, launches: list[Launch]) -> float:
-        started = time.monotonic()
-        for launch in launches:
-            await self.engine.start(launch)
-        while not all(launch.task_id in self.events.ended for launch in launches):
-            await asyncio.sleep(0.002)
-        return time.monotonic() - started
-
-    async def latency(self, n: int) -> tuple[float, float]:
-        to_running, to_exit = [], []
-        for _ in range(n):
-            launch = self.launch(["true"])
-            started = time.monotonic()
-            await self.run([launch])
-            to_running.append(self.events.started[launch.task_id] - started)
-            to_exit.append(self.events.ended[launch.task_id][0] - started)
-        return statistics.median(to_running), statistics.median(to_exit)
-
-    async def output(self, mib: int) -> tuple[float, float]:
-        launch = self.launch(["head", "-c", f"{mib}M", "/dev/zero"])
-        elapsed = await self.run([launch])
-        assert launch.stdout_path.stat().st_size == mib << 20
-        started = time.monotonic()
-        subprocess.run(f"head -c {mib}M /dev/zero > {self.work}/to-file", shell=True, check=True)
-        return elapsed, time.monotonic() - started
+@dataclass
+class Row:
+    name: str
+    start_s: float  # median submit -> start
+    done_s: float  # median submit -> done
+    runs: int  # ... of this many, one at a time
+    rate: float  # tasks/s, many at once
+    flood: int  # ... this many
 
 
-def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+@dataclass
+class Sizes:
+    one_by_one: int = 30
+    flood: int = 300
+    jobs_one_by_one: int = 10
+    jobs_flood: int = 40
 
 
-async def measure(address: str, quick: bool) -> list[tuple[str, str]]:
-    n, flood, mib = (10, 50, 50) if quick else (50, 500, 500)
-    with tempfile.TemporaryDirectory() as work:
-        bench = Bench(address, Path(work))
-        await bench.engine.check(bench.pool)
-        rows = []
-        print("latency ...", file=sys.stderr)
-        running, ended = await bench.latency(n)
-        rows.append((f"submit to running, `true` (median of {n})", f"{running * 1000:.1f} ms"))
-        rows.append((f"submit to exit, `true` (median of {n})", f"{ended * 1000:.1f} ms"))
-        print("flood ...", file=sys.stderr)
-        elapsed = await bench.run([bench.launch(["true"]) for _ in range(flood)])
-        rows.append((f"{flood} trivial tasks at once", f"{flood / elapsed:.0f} tasks/s"))
-        print("output ...", file=sys.stderr)
-        ray_s, file_s = await bench.output(mib)
-        rows.append((f"{mib} MiB to stdout (vs to a file)",
-                     f"{ray_s:.2f} s = {mib / ray_s:.0f} MiB/s ({file_s:.2f} s, "
-                     f"{ray_s / file_s:.1f}x)"))
-        bridge = bench.engine._bridge
-        if bridge is not None:
-            rows.append(("bridge (Ray driver) RSS", f"{rss_mb(bridge.proc.pid):.0f} MB"))
-        await bench.engine.close()
+QUICK = Sizes(one_by_one=8, flood=40, jobs_one_by_one=4, jobs_flood=8)
+
+
+# ---------------------------------------------------------------- the cluster (a child process)
+
+
+@dataclass
+class Cluster:
+    address: str
+    dashboard: str
+    proc: subprocess.Popen[str]
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # Ray's daemons share its group
+
+
+def start_cluster() -> Cluster:
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-cluster"], text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            start_new_session=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("ok "):
+        proc.kill()
+        raise SystemExit(f"the Ray cluster did not start ({line.strip() or 'no answer'})")
+    address, dashboard = line.split()[1:]
+    cluster = Cluster(address, dashboard, proc)
+    wait_until(lambda: http_ok(f"{dashboard}/api/version"), START_TIMEOUT_S, "Ray dashboard")
+    return cluster
+
+
+def serve_cluster() -> None:
+    """Runs in the child: a one-node cluster until stdin closes."""
+    from ray.cluster_utils import Cluster as RayCluster
+
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # Ray's chatter to stderr
+    temp_dir = tempfile.mkdtemp(prefix="vrb-", dir="/tmp")  # short: Ray's socket paths
+    port = free_port()
+    cluster = RayCluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "object_store_memory": 150 << 20, "include_dashboard": True,
+        "dashboard_host": "127.0.0.1", "dashboard_port": port, "temp_dir": temp_dir,
+    })
+    cluster.wait_for_nodes()
+    answers.write(f"ok {cluster.address} http://127.0.0.1:{port}\n")
+    answers.flush()
+    sys.stdin.read()
+    cluster.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- velda
+
+
+@contextlib.contextmanager
+def velda_server(address: str, work: Path) -> Iterator[Any]:
+    home = work / "home"
+    config = work / "velda.toml"
+    config.write_text(f'[pools.ray]\nengine = "ray"\naddress = "{address}"\ncpus = 1\n')
+    os.environ.update(VELDA_HOME=str(home), VELDA_CONFIG=str(config), VELDA_PORT="0")
+    for name in ("VELDA_SERVER", "VELDA_TOKEN", "VELDA_TASK_ID"):
+        os.environ.pop(name, None)
+    from velda.client import Client
+
+    try:
+        yield Client()
+    finally:
+        subprocess.run([str(BIN / "velda"), "server", "stop"], capture_output=True, check=False)
+
+
+def velda_row(client: Any, pool: str, sizes: Sizes, work: Path) -> Row:
+    request = {"command": ["true"], "pool": pool, "cwd": str(work),
+               "env": {"PATH": os.environ["PATH"]}}
+    client.submit(**request)  # warm-up: the Ray pool's driver and a worker start here
+    starts, dones = [], []
+    for _ in range(sizes.one_by_one):
+        submitted = time.monotonic()
+        task = client.submit(**request)
+        while task["status"] not in FINAL:
+            time.sleep(POLL_S)
+            task = client.get(task["id"])
+        dones.append(time.monotonic() - submitted)
+        starts.append(stamp(task["started_at"]) - stamp(task["created_at"]))
+    began = time.monotonic()
+    ids = [client.submit(**request)["id"] for _ in range(sizes.flood)]
+    for task_id in ids:  # in submit order: by the last one, most are done
+        while client.get(task_id)["status"] not in FINAL:
+            time.sleep(0.02)
+    return Row(f"velda, pool `{pool}`", statistics.median(starts), statistics.median(dones),
+               sizes.one_by_one, sizes.flood / (time.monotonic() - began), sizes.flood)
+
+
+def stamp(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+# ---------------------------------------------------------------- Ray's own APIs
+
+
+def ray_tasks_row(address: str, sizes: Sizes) -> Row:
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+
+    ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+
+    @ray.remote(num_cpus=1, max_retries=0)
+    def run(argv: list[str]) -> tuple[float, int]:
+        began = time.time()
+        return began, subprocess.run(argv, check=False).returncode
+
+    ray.get(run.remote(["true"]))  # warm-up
+    starts, dones = [], []
+    for _ in range(sizes.one_by_one):
+        submitted = time.time()
+        began, _ = ray.get(run.remote(["true"]))
+        dones.append(time.time() - submitted)
+        starts.append(began - submitted)
+    began_flood = time.monotonic()
+    ray.get([run.remote(["true"]) for _ in range(sizes.flood)])
+    rate = sizes.flood / (time.monotonic() - began_flood)
+    ray.shutdown()
+    return Row("Ray tasks API (`subprocess.run`)", statistics.median(starts),
+               statistics.median(dones), sizes.one_by_one, rate, sizes.flood)
+
+
+def ray_jobs_row(dashboard: str, sizes: Sizes) -> Row:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard)
+    ended = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+
+    def wait(job: str) -> None:
+        wait_until(lambda: client.get_job_status(job) in ended, 120, f"job {job}")
+
+    wait(client.submit_job(entrypoint="true"))  # warm-up
+    starts, dones = [], []
+    for _ in range(sizes.jobs_one_by_one):
+        submitted = time.monotonic()
+        job = client.submit_job(entrypoint="true")
+        while client.get_job_status(job) == JobStatus.PENDING:
+            time.sleep(POLL_S)
+        starts.append(time.monotonic() - submitted)
+        wait(job)
+        dones.append(time.monotonic() - submitted)
+    began = time.monotonic()
+    for job in [client.submit_job(entrypoint="true") for _ in range(sizes.jobs_flood)]:
+        wait(job)
+    return Row("Ray Job Submission API", statistics.median(starts), statistics.median(dones),
+               sizes.jobs_one_by_one, sizes.jobs_flood / (time.monotonic() - began),
+               sizes.jobs_flood)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def wait_until(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what}: not ready within {timeout_s:g} s")
+        time.sleep(POLL_S)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def measure(sizes: Sizes) -> list[Row]:
+    print("starting a Ray cluster with its dashboard ...", file=sys.stderr)
+    cluster = start_cluster()
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="vrb-") as tmp:
+            work = Path(tmp)
+            with velda_server(cluster.address, work) as client:
+                for pool in ("shell", "ray"):
+                    print(f"velda pool {pool} ...", file=sys.stderr)
+                    rows.append(velda_row(client, pool, sizes, work))
+            print("Ray tasks API ...", file=sys.stderr)
+            rows.append(ray_tasks_row(cluster.address, sizes))
+            print("Ray Job Submission API ...", file=sys.stderr)
+            rows.append(ray_jobs_row(cluster.dashboard, sizes))
+    finally:
+        cluster.stop()
     return rows
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--serve-cluster"]:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every address on loopback
+        serve_cluster()
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer tasks, less output")
+    parser.add_argument("--quick", action="store_true", help="fewer tasks")
     args = parser.parse_args()
-    print("starting a two-node Ray cluster ...", file=sys.stderr)
-    cluster = start_cluster()
-    try:
-        rows = asyncio.run(measure(cluster.address, args.quick))
-    finally:
-        cluster.stop()
-    print("| Ray engine | measured |\n| --- | --- |")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    sizes = QUICK if args.quick else Sizes()
+    rows = measure(sizes)
+    print("| `true` on a 2-CPU Ray node | runs | submit to start (median) | submit to done "
+          "(median) | many at once |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        rate = f"{row.rate:.0f}" if row.rate >= 10 else f"{row.rate:.2f}"
+        print(f"| {row.name} | {row.runs} | {ms(row.start_s)} | {ms(row.done_s)} | "
+              f"{rate} tasks/s ({row.flood} tasks) |")
 
 
 if __name__ == "__main__":

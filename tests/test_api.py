@@ -135,7 +135,9 @@ def test_submit_get_list_and_logs_through_the_api(api: Api, server: Velda) -> No
         "exit_code", "signal", "reason", "created_at", "started_at", "finished_at",
         "resolved_at", "depends_on", "children",
     }
-    assert task["env"]["SECRET_KEY"] == "********"
+    detail = api.call("GET", f"/api/v1/tasks/{task['id']}")[1]
+    assert detail["env"]["SECRET_KEY"] == "********"
+    assert detail["env"]["PATH"] == "/usr/bin:/bin"
     server.wait(task["id"])
     assert api.call("GET", f"/api/v1/tasks/{task['id']}/logs?stream=stdout")[1] == b"out\n"
     assert api.call("GET", f"/api/v1/tasks/{task['id']}/logs?stream=stderr")[1] == b"err\n"

@@ -8,6 +8,7 @@ own task IDs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -230,7 +231,7 @@ def test_env_and_cwd(ray: Harness, tmp_path: Path) -> None:
     assert seen["env"]["FOO"] == "bar baz"
     assert seen["env"]["PWD"] == str(workdir)
     assert seen["env"]["VELDA_SERVER"] == SERVER_URL
-    assert "CUDA_VISIBLE_DEVICES" not in seen["env"]  # the submitter's, and no GPU asked
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == ""  # not the submitter's: no GPU asked
     assert seen["env"]["RAY_ADDRESS"] == ray.address
 
 
@@ -317,6 +318,50 @@ def test_command_not_found_and_missing_cwd(ray: Harness, tmp_path: Path) -> None
     assert "velda: cannot run" in missing.stderr_path.read_text()
     assert ray.run_to_end(no_dir) == Exit(126, None, Reason.EXIT)
     assert "does not exist" in no_dir.stderr_path.read_text()
+
+
+def test_a_blocked_attempt_lends_its_cpus(ray: Harness, tmp_path: Path) -> None:
+    # The holder takes both CPUs of the second node; the waiter needs one of them.
+    on_node2 = (("node2_slot", 0.5),)
+    holder = ray.launch(tmp_path, GROUP, Resources(cpus=2, custom=on_node2))
+    waiter = ray.launch(tmp_path, ["true"], Resources(cpus=1, custom=on_node2))
+    handle = ray.start(holder)
+    ray.wait_running(holder)
+    ray.start(waiter)
+    time.sleep(1)
+    assert (waiter.task_id, 1) not in ray.events.started
+    ray.run(ray.engine.lend_cpus(handle, True))
+    assert ray.wait_exit(waiter, 30) == Exit(0)
+    ray.run(ray.engine.lend_cpus(handle, False))
+    assert (holder.task_id, 1) not in ray.events.ended
+    ray.run(ray.engine.cancel(handle, 5))
+    assert ray.wait_exit(holder).signal == signal.SIGTERM
+
+
+def test_a_node_that_stops_answering_loses_its_attempt(ray: Harness, tmp_path: Path) -> None:
+    # A stopped Ray worker stands for a node gone without a word: its connections stay open,
+    # so Ray's own health checks would take about a minute.
+    events = Recorder()
+    events.loop_thread = threading.get_ident()
+    pool = Pool("ray", "ray", CPU, {"address": ray.address, "node_timeout": 2})
+    engine = RayEngine(pool, events)
+    harness = Harness(ray.loop, engine, events, ray.address)
+    launch = harness.launch(tmp_path, ["sh", "-c", "echo $PPID $$; sleep 1000"])
+    harness.start(launch)
+    harness.wait_output(launch, "\n")
+    worker, command = (int(p) for p in launch.stdout_path.read_text().split())
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert harness.wait_exit(launch, 30) == Exit(None, None, Reason.LOST)
+        assert time.monotonic() - started < 10
+        assert "stopped answering for 2 s" in launch.stderr_path.read_text()
+        harness.wait(lambda: not alive(worker) and not alive(command), 30,
+                     "the silent worker and its command killed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGCONT)
+        harness.run(engine.close())
 
 
 def new_engine(ray: Harness) -> tuple[RayEngine, Recorder]:

@@ -22,7 +22,7 @@ def _alive(pid: int) -> bool:
 
 
 def _pid_of(velda: Velda, task_id: str) -> int:
-    path = velda.home / "logs" / task_id / "1" / "pid"
+    path = velda.home / "logs" / f"{task_id}.1" / "pid"
     deadline = time.monotonic() + 10
     while not path.exists() or not path.read_text().strip():
         assert time.monotonic() < deadline, f"task {task_id} never started"

@@ -66,16 +66,26 @@ class Velda:
         return json.loads(out)["tasks"]  # type: ignore[no-any-return]
 
     def wait(self, ref: str, timeout: float = 60, until: set[str] | None = None) -> dict[str, Any]:
-        """Poll until the task reaches one of `until` (default: any final state)."""
+        """Poll until the task reaches one of `until` (default: any final state). A task that
+        does not exist yet (a child its parent has still to submit) is waited for too."""
         until = until or FINAL
         deadline = time.monotonic() + timeout
-        task = self.get(ref)
-        while task["status"] not in until:
+        while True:
+            task = self._find(ref)
+            if task is not None and task["status"] in until:
+                return task
             if time.monotonic() > deadline:
-                raise AssertionError(f"task {ref} still {task['status']} after {timeout}s")
+                state = task["status"] if task else "not submitted"
+                raise AssertionError(f"task {ref} still {state} after {timeout}s")
             time.sleep(0.1)
-            task = self.get(ref)
-        return task
+
+    def _find(self, ref: str) -> dict[str, Any] | None:
+        result = self.run("velda", "task", "get", ref, "-o", "json")
+        if result.returncode == 2 and "no task named" in result.stderr:
+            return None
+        if result.returncode != 0:
+            raise AssertionError(f"velda task get {ref}: {result.stderr}")
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
 
     def log(self, ref: str, *extra: str) -> subprocess.CompletedProcess[str]:
         return self.run("velda", "task", "log", ref, *extra, check=True)
@@ -100,7 +110,7 @@ class Velda:
         if pid is not None:
             self.run("velda", "server", "stop", timeout=30)
         logs = self.home / "logs"
-        for pid_file in logs.glob("*/*/pid") if logs.is_dir() else []:
+        for pid_file in logs.glob("*/pid") if logs.is_dir() else []:
             try:
                 os.killpg(int(pid_file.read_text()), signal.SIGKILL)
             except (OSError, ValueError):

@@ -5,6 +5,7 @@ No I/O, no clocks: the server hands in the queue and what is free, and gets back
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from velda.models import Allocation, Resources
@@ -36,14 +37,17 @@ class Placement:
     allocation: Allocation
 
 
-def schedule(queue: list[Request], capacity: Capacity) -> list[Placement]:
+def schedule(queue: Iterable[Request], capacity: Capacity) -> list[Placement]:
     """Decide which queued tasks start now.
 
     Order rules:
-    1. `queue` is already ordered: lower priority number first, then oldest first.
+    1. `queue` is already ordered: lower priority number first, then oldest first. It is read
+       lazily, and no further than needed: once nothing is free and nothing can be borrowed,
+       the rest of the queue is not looked at.
     2. A task whose ancestor is blocked waiting for it (a `vrun` inside the ancestor) first
        borrows the ancestor's CPUs; this is what keeps orchestrating scripts from deadlocking.
-    3. Otherwise a task (or a whole gang) starts if it fits in what is free and not reserved.
+    3. Otherwise a task (or a whole gang: shards queue next to each other) starts if it fits
+       in what is free and not reserved.
     4. A task that does not fit reserves what is free, up to its need, so that a stream of
        smaller tasks behind it cannot starve it. One held back by its pool's slot limit
        (`capacity` in velda.toml) holds that pool's remaining slots the same way, and takes
@@ -66,15 +70,27 @@ def schedule(queue: list[Request], capacity: Capacity) -> list[Placement]:
             placements += [_take(r, capacity, slots) for r in group]
         else:
             reserved = reserved + _clamp_non_negative(room).clamp(total)
+        if _nothing_left(capacity.free - reserved, capacity):
+            break
     return placements
 
 
-def _gangs(queue: list[Request]) -> list[list[Request]]:
-    groups: dict[object, list[Request]] = {}
+def _nothing_left(room: Resources, capacity: Capacity) -> bool:
+    return room.cpus <= 1e-9 and room.gpus <= 0 and not any(
+        v > 1e-9 for v in capacity.lendable.values()
+    )
+
+
+def _gangs(queue: Iterable[Request]) -> Iterator[list[Request]]:
+    """Consecutive requests of one gang form one group; every other request is alone."""
+    group: list[Request] = []
     for request in queue:
-        key = ("gang", request.gang) if request.gang is not None else ("task", request.task_id)
-        groups.setdefault(key, []).append(request)
-    return list(groups.values())
+        if group and (request.gang is None or request.gang != group[0].gang):
+            yield group
+            group = []
+        group.append(request)
+    if group:
+        yield group
 
 
 def _borrow(request: Request, capacity: Capacity, slots: dict[str, int]) -> Placement | None:
@@ -108,9 +124,9 @@ def _use_slot(request: Request, slots: dict[str, int]) -> None:
         slots[request.pool] -= 1
 
 
-def _sum(needs: object) -> Resources:
+def _sum(needs: Iterable[Resources]) -> Resources:
     total = Resources()
-    for need in needs:  # type: ignore[attr-defined]
+    for need in needs:
         total = total + need
     return total
 

@@ -31,12 +31,50 @@ class Response:
             name, _, value = line.decode("latin-1").partition(":")
             self.headers[name.strip().lower()] = value.strip()
         sock.settimeout(timeout)
+        self._chunked = self.headers.get("transfer-encoding", "").lower() == "chunked"
+        self._left = 0  # bytes left in the current chunk
+        self._done = False
 
     def read(self, size: int = -1) -> bytes:
-        return self.body.read(size)
+        if not self._chunked:
+            return self.body.read(size)
+        out = bytearray()
+        while (size < 0 or len(out) < size) and self._next_chunk():
+            want = self._left if size < 0 else min(self._left, size - len(out))
+            data = self.body.read(want)
+            if not data:
+                raise OSError("the server closed the connection in the middle of a chunk")
+            out += data
+            self._left -= len(data)
+        return bytes(out)
 
     def readline(self) -> bytes:
-        return self.body.readline()
+        if not self._chunked:
+            return self.body.readline()
+        out = bytearray()
+        while not out.endswith(b"\n") and self._next_chunk():
+            line = self.body.readline(self._left)
+            if not line:
+                raise OSError("the server closed the connection in the middle of a chunk")
+            out += line
+            self._left -= len(line)
+        return bytes(out)
+
+    def _next_chunk(self) -> bool:
+        """Make sure bytes of a chunk are ready; False at the end of the body."""
+        while self._left == 0 and not self._done:
+            if self._started_chunk:
+                self.body.readline()  # the CRLF that ends the previous chunk
+            size_line = self.body.readline()
+            if not size_line:
+                raise OSError("the server closed the connection before the end of the body")
+            self._left = int(size_line.split(b";")[0].strip() or b"0", 16)
+            self._started_chunk = True
+            if self._left == 0:
+                self._done = True
+        return not self._done
+
+    _started_chunk = False
 
     def close(self) -> None:
         self.body.close()

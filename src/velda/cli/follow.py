@@ -93,9 +93,15 @@ class StatusPrinter:
     def __call__(self, task: dict[str, Any]) -> None:
         if self.quiet or task["status"] == self.status:
             return
+        if task["status"] in _FINAL and task.get("started_at") and self.status != "RUNNING":
+            self._say(task, "RUNNING")  # it ran, if too quickly for us to see it running
         self.status = task["status"]
         detail = ""
         if task["status"] in _FINAL and task.get("reason"):
             code = task.get("exit_code")
             detail = f" ({task['reason']}" + (f", exit {code}" if code else "") + ")"
-        print(f"task {task['id']}: {self.status}{detail}", file=sys.stderr, flush=True)
+        self._say(task, f"{self.status}{detail}")
+
+    @staticmethod
+    def _say(task: dict[str, Any], what: str) -> None:
+        print(f"task {task['id']}: {what}", file=sys.stderr, flush=True)

@@ -23,7 +23,7 @@ from velda.server import logs
 from velda.server.auth import CSRF_HEADER, Auth, Principal
 from velda.server.openapi import openapi_document
 from velda.server.runtime import Runtime
-from velda.server.views import task_detail, tasks_json
+from velda.server.views import task_detail, task_json, tasks_json
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 MAX_PAGE = 1000
@@ -84,7 +84,7 @@ class Api:
     async def submit(self, request: Request, principal: Principal) -> Response:
         req = SubmitRequest.from_json(await self.body(request))
         task = await self.runtime.submit(req, principal.scope)
-        data = task_detail(task, self.store)
+        data = task_json(task, self.store.children_counts([task.id])[task.id], self.store)
         notice = self.runtime.notice_for(self.runtime.pool(task.pool))
         if notice:
             data["notice"] = notice

@@ -15,7 +15,9 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -120,6 +122,15 @@ def withdraw(home: Path) -> None:
         pass
 
 
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     home = args.home or velda_home()
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     take_lock(home)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        asyncio.run(serve(args, home))
+        _run(serve(args, home))
     except ConfigError as e:
         print(f"velda: {e}", file=sys.stderr)
         return 2

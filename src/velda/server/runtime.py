@@ -32,6 +32,7 @@ from velda.models import (
 )
 from velda.outcome import Verdict, combine, dependency_verdict, resolved_status
 from velda.protocol import BadRequest, SubmitRequest
+from velda.ready_queue import ReadyQueue
 from velda.scheduler import Capacity, Request, schedule
 from velda.server.notifier import Notifier
 from velda.server.refs import Resolver
@@ -63,7 +64,7 @@ class Runtime:
         self.resolver = Resolver(store)
         self.local = LocalEngine(self, config.local_cpus, config.local_gpus)
         self.engines: dict[str, Engine] = {"local": self.local}
-        self.queued: dict[int, Request] = {}  # local tasks waiting for capacity
+        self.queued = ReadyQueue()  # local tasks waiting for capacity
         self.remote_queue: list[int] = []  # tasks to hand to engines that place work
         self.allocs: dict[int, Allocation] = {}  # local tasks holding capacity
         self.alloc_pools: dict[int, str] = {}  # ... and the pool each belongs to
@@ -123,7 +124,7 @@ class Runtime:
                 self._insert_shards(task, req, pool)
             self._cascade([task.id])
         self._changed()
-        return self.store.get(task.id) or task
+        return self.store.get(task.id) or task  # the cascade may have moved it on
 
     def _check_submit(self, req: SubmitRequest, pool: Pool, scope: int | None) -> None:
         if pool.engine == "local" and not os.path.isdir(req.cwd):
@@ -178,6 +179,8 @@ class Runtime:
         self.store.add_dependencies(task.id, deps)
         if req.blocking and scope is not None:
             self.blockers[scope] = self.blockers.get(scope, 0) + 1
+            if self.blockers[scope] == 1:
+                self._lend_cpus(scope, True)
         return task
 
     def _insert_shards(self, parent: Task, req: SubmitRequest, pool: Pool) -> None:
@@ -248,8 +251,8 @@ class Runtime:
         else:
             need = self.need_of(pool) if pool else Resources(cpus=1)
             gang = task.parent_id if task.gang else None
-            self.queued[task.id] = Request(
-                task.id, task.pool, need, task.priority, self._ancestors(task), gang
+            self.queued.add(
+                Request(task.id, task.pool, need, task.priority, self._ancestors(task), gang)
             )
         self._request_schedule()
 
@@ -272,7 +275,7 @@ class Runtime:
         assert not task.status.is_final()
         task.status, task.resolved_at = status, self.now()
         self.store.update(task, "status", "resolved_at")
-        self.queued.pop(task.id, None)
+        self.queued.discard(task.id)
         self._release(task.id)
         follow = [dependent for dependent, _ in self.store.dependents(task.id)]
         if status in NEVER_RAN_STATES or status == S.CANCELLED:
@@ -294,7 +297,18 @@ class Runtime:
             self.blockers[parent_id] = left
         else:
             self.blockers.pop(parent_id, None)
+            self._lend_cpus(parent_id, False)
         self._request_schedule()
+
+    def _lend_cpus(self, task_id: int, on: bool) -> None:
+        """Tell the engine of a remote task that its command waits in a vrun (or stopped
+        waiting), so that the cluster lends its CPUs to the children, as the scheduler does
+        for local tasks. Only engines that can lend (Ray) have `lend_cpus`."""
+        task = self.store.get(task_id)
+        engine = self.engine_of(task.pool) if task is not None and task.handle else None
+        lend = getattr(engine, "lend_cpus", None)
+        if task is not None and lend is not None:
+            asyncio.get_running_loop().create_task(lend(task.handle, on))
 
     def _release(self, task_id: int) -> None:
         self.alloc_pools.pop(task_id, None)
@@ -323,16 +337,21 @@ class Runtime:
         """Start what can start: remote tasks go to their engine, local ones where the
         scheduler finds them room. Each start is committed before its process exists, so a
         server killed in between never runs a task twice (see recover)."""
+        remote, self.remote_queue = self.remote_queue, []
+        placements = []
+        if self.queued:
+            with self.queued.scan() as queue:
+                placements = schedule(queue, self._capacity())
+        if not remote and not placements:
+            return
         started = []
         with self.store.transaction():
-            remote, self.remote_queue = self.remote_queue, []
             for remote_task in self.store.get_many(remote):
                 if remote_task.status == S.QUEUED and remote_task.handle is None:
                     self._new_attempt(remote_task, None)
                     started.append(remote_task)
-            queue = sorted(self.queued.values(), key=lambda r: (r.priority, r.task_id))
-            for placement in schedule(queue, self._capacity()) if queue else []:
-                self.queued.pop(placement.task_id, None)
+            for placement in placements:
+                self.queued.discard(placement.task_id)
                 task = self.store.get(placement.task_id)
                 if task is not None and task.status == S.QUEUED:
                     self._new_attempt(task, placement.allocation)
@@ -411,7 +430,13 @@ class Runtime:
 
     def launch_of(self, task: Task) -> Launch:
         attempt_dir = self.attempt_dir(task.id, task.attempt)
-        attempt_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            attempt_dir.mkdir()
+        except FileNotFoundError:
+            attempt_dir.parent.mkdir(parents=True, exist_ok=True)
+            attempt_dir.mkdir()
+        except FileExistsError:
+            pass
         pool = self.config.pool(task.pool) or self.pool(None)
         gpu_ids = task.alloc.gpu_ids if task.alloc else ()
         return Launch(
@@ -422,7 +447,8 @@ class Runtime:
         )
 
     def attempt_dir(self, task_id: int, attempt: int) -> Path:
-        return self.home / "logs" / str(task_id) / str(attempt)
+        """One directory per attempt, straight under logs/: one mkdir per start."""
+        return self.home / "logs" / f"{task_id}.{attempt}"
 
     def _task_env(self, task: Task, pool: Pool, gpu_ids: tuple[int, ...]) -> dict[str, str]:
         env = dict(task.env)
@@ -552,7 +578,7 @@ class Runtime:
 
     async def pool_usage(self) -> list[dict[str, object]]:
         names = set(self.config.pools) | {self.config.default_pool}
-        names |= {r.pool for r in self.queued.values()} | set(self.alloc_pools.values())
+        names |= {r.pool for r in self.queued.requests()} | set(self.alloc_pools.values())
         return [await self._usage_of(self.pool(name)) for name in sorted(names)]
 
     async def _usage_of(self, pool: Pool) -> dict[str, object]:
@@ -598,6 +624,8 @@ class Runtime:
                 self.alloc_pools[task.id] = task.pool
         for task in open_tasks:
             await self._recover_one(task)
+        for parent_id in list(self.blockers):
+            self._lend_cpus(parent_id, True)  # the last word may not have reached the node
         self._changed()
         self._request_schedule()
 

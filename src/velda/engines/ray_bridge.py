@@ -1,0 +1,348 @@
+"""The bridge: the Ray driver of one pool, a child process of the velda server.
+
+`RayEngine` (ray.py) starts it with `python -c "...bridge_main()" ADDRESS HEAD_TIMEOUT` and
+talks to it through JSON lines: commands on its stdin (`start`, `signal`, `cancel`), events on
+its stdout (`ready`, `fatal`, `running`, `exited`). The server never imports Ray: a driver calls
+`_exit` on its own process when the head has been gone for a while, can hang in `ray.init`,
+and costs ~100 MB.
+
+The bridge submits every attempt as a streaming-generator task (`ray_node.run_attempt`) with
+the pool's `num_cpus`/`num_gpus`/`memory`/custom resources (`max_retries=0`: velda retries
+itself, and a re-executed generator would duplicate output). It appends the chunks the
+generator yields to the attempt's log files, so output bytes never pass through the server,
+and keeps the attempt's state (bridge, node, control port, exit) in `ray.json` in the attempt
+directory. A watchdog fails every attempt when the head stops answering.
+
+When the server stops or dies, the bridge sees the end of its stdin: it cancels what Ray has
+not started yet and lets the running attempts finish, still writing their logs and
+`ray.json`, then exits. The next server adopts them from `ray.json` (see RayEngine.adopt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import io
+import json
+import logging
+import os
+import signal
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from velda.engines import ray_node
+from velda.engines.ray import ADOPT_POLL_S, Control, control_request, probe, start_time
+from velda.models import Reason
+
+_LINE_LIMIT = 64 * 1024 * 1024  # one start command carries the task's whole environment
+_UPLOAD_LIMIT = 512 * 1024 * 1024  # Ray's own limit for a working_dir
+_UPLOAD_SKIP = frozenset({".git", "__pycache__"})
+_PING_S = 5.0  # how often a running attempt's node is asked whether it is still there
+
+log = logging.getLogger("velda.engines.ray_bridge")
+
+@dataclass
+class _Run:
+    key: str
+    stdout: IO[bytes]
+    stderr: IO[bytes]
+    state_path: Path
+    state: dict[str, Any]
+    gen: Any = None  # the ObjectRefGenerator, once submitted
+    control: Control | None = None  # once running
+    cancel_grace: float | None = None
+    lending: bool = False  # its command waits in a vrun: its CPUs go to the children
+    orphaned: bool = False  # cancelled because the server went away before it started
+    exit: dict[str, Any] | None = None
+
+    def save(self) -> None:
+        """ray.json, replaced whole: a reader never sees half of it."""
+        with contextlib.suppress(OSError):
+            tmp = self.state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.state))
+            os.replace(tmp, self.state_path)
+
+
+def bridge_main() -> None:
+    """Entry point of the bridge process: `python -c ... ADDRESS HEAD_TIMEOUT NODE_TIMEOUT`."""
+    address, head_timeout, node_timeout = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+    events = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # whatever Ray prints must not mix with the events
+    try:
+        ray: Any = importlib.import_module("ray")
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
+                 namespace="velda")
+    except BaseException as e:  # noqa: B036 - any failure to connect is reported, then exit
+        _emit(events, {"ev": "fatal", "message": _one_line(e)})
+        os._exit(1)
+    # Not asyncio.run: its teardown waits for threads stuck in Ray calls.
+    loop = asyncio.new_event_loop()
+    os._exit(loop.run_until_complete(Bridge(ray, events, head_timeout, node_timeout).serve()))
+
+
+def _emit(out: IO[bytes], event: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):  # the server may be gone; ray.json still tells
+        out.write(json.dumps(event).encode() + b"\n")
+        out.flush()
+
+
+def _one_line(e: BaseException) -> str:
+    cause = getattr(e, "cause", None)  # a RayTaskError's first line names only the task
+    if isinstance(cause, BaseException) and cause is not e:
+        e = cause
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+class Bridge:
+    """The Ray driver of one pool: runs attempts, relays signals, writes logs and ray.json."""
+
+    def __init__(self, ray: Any, events: IO[bytes], head_timeout_s: float,
+                 node_timeout_s: float) -> None:
+        self.ray = ray
+        self.events = events
+        self.head_timeout_s = head_timeout_s
+        self.node_timeout_s = node_timeout_s
+        self.runs: dict[str, _Run] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.orphaned = False  # the server went away
+        self.me = {"pid": os.getpid(), "start": start_time(os.getpid())}
+        ray.cloudpickle.register_pickle_by_value(ray_node)
+        self.remote = ray.remote(ray_node.run_attempt)
+
+    async def serve(self) -> int:
+        commands = asyncio.create_task(self._read_commands())
+        watchdog = asyncio.create_task(self._watch_head())
+        _emit(self.events, {"ev": "ready"})
+        await asyncio.wait({commands, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+        if not watchdog.done():
+            await self._drain(watchdog)  # the server went away
+        if watchdog.done():
+            await self._abandon(watchdog.result())
+            return 1
+        return 0
+
+    async def _read_commands(self) -> None:
+        reader = asyncio.StreamReader(limit=_LINE_LIMIT)
+        loop = asyncio.get_running_loop()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while line := await reader.readline():
+            task = asyncio.create_task(self._command(json.loads(line)))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _command(self, command: dict[str, Any]) -> None:
+        op = command["op"]
+        if op == "start":
+            await self._run(command)
+            return
+        run = self.runs.get(command["key"])
+        if run is None:
+            return
+        if op == "signal":
+            await self._signal(run, int(command["signum"]))
+        elif op == "cancel":
+            await self._cancel(run, float(command["grace_s"]))
+        elif op == "lend":
+            await self._lend(run, bool(command["on"]))
+
+    async def _watch_head(self) -> str:
+        """Returns why the cluster is lost once its head has not answered for a while."""
+        address = self.ray.get_runtime_context().gcs_address
+        loop = asyncio.get_running_loop()
+        failing_since = None
+        while True:
+            await asyncio.sleep(1)
+            error = await asyncio.to_thread(probe, address)
+            if error is None:
+                failing_since = None
+                continue
+            failing_since = failing_since or loop.time()
+            if loop.time() - failing_since >= self.head_timeout_s:
+                return f"the head at {address} stopped answering ({error})"
+
+    async def _drain(self, watchdog: asyncio.Task[str]) -> None:
+        """Without a server: drop what has not started, finish what runs."""
+        self.orphaned = True
+        for run in list(self.runs.values()):
+            if run.control is None:
+                run.orphaned = True
+                await self._cancel(run, 0)
+        while self.runs and not watchdog.done():
+            await asyncio.wait([watchdog], timeout=ADOPT_POLL_S)
+
+    async def _abandon(self, message: str) -> None:
+        """The cluster is lost: kill what still runs, and say so."""
+        _emit(self.events, {"ev": "fatal", "message": message})
+        runs = list(self.runs.values())
+        kills = [control_request(r.control, {"op": "cancel", "grace_s": 0})
+                 for r in runs if r.control]
+        if kills:
+            await asyncio.wait([asyncio.ensure_future(k) for k in kills], timeout=3)
+        for run in runs:
+            if self.orphaned:  # else the engine says it
+                run.stderr.write(f"velda: ray cluster: {message}; this attempt was lost\n"
+                                 .encode())
+            run.state["exit"] = {"code": None, "signal": None, "reason": Reason.LOST.value}
+            run.save()
+
+    # --- one attempt
+
+    async def _run(self, command: dict[str, Any]) -> None:
+        key = command["key"]
+        run = _Run(key, _open_log(command["stdout"]), _open_log(command["stderr"]),
+                   Path(command["state"]), {"bridge": self.me})
+        run.save()
+        self.runs[key] = run
+        try:
+            result = await self._follow(run, command)
+        finally:
+            del self.runs[key]
+            run.stdout.close()
+            run.stderr.close()
+        run.state["exit"] = result
+        run.save()
+        _emit(self.events, {"ev": "exited", "key": key, "exit": result})
+
+    async def _follow(self, run: _Run, command: dict[str, Any]) -> dict[str, Any]:
+        """The attempt's exit, once its stream ends or its node stops answering."""
+        stream = asyncio.ensure_future(self._stream(run, command))
+        silent = asyncio.ensure_future(self._watch_node(run))
+        await asyncio.wait({stream, silent}, return_when=asyncio.FIRST_COMPLETED)
+        silent.cancel()
+        if stream.done():
+            return stream.result()
+        stream.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stream
+        with contextlib.suppress(Exception):  # the node may be gone with the worker
+            await asyncio.to_thread(self.ray.cancel, run.gen, force=True)
+        node = run.state["node"]["node_ip"]
+        return self._note(run, f"node {node} stopped answering for {self.node_timeout_s:g} s; "
+                          "the attempt is lost", Reason.LOST)
+
+    async def _watch_node(self, run: _Run) -> None:
+        """Returns once the attempt's control port has not answered for node_timeout_s. Ray
+        notices a dead worker or raylet at once, but a node that vanished without closing
+        its connections only after its health checks fail (5 x (10 s + 3 s) by default)."""
+        loop = asyncio.get_running_loop()
+        every = min(_PING_S, self.node_timeout_s / 3)
+        answered = loop.time()
+        while True:
+            await asyncio.sleep(every)
+            if run.control is None or await control_request(run.control, {"op": "ping"}):
+                answered = loop.time()
+            elif loop.time() - answered >= self.node_timeout_s:
+                return
+
+    async def _stream(self, run: _Run, command: dict[str, Any]) -> dict[str, Any]:
+        try:
+            run.gen = await asyncio.to_thread(self._submit, command)
+            if run.cancel_grace is not None:  # cancelled while submitting
+                await self._cancel(run, run.cancel_grace)
+            async for ref in run.gen:
+                kind, payload = await ref
+                await self._chunk(run, kind, payload)
+        except Exception as e:
+            return self._failure(run, e)
+        if run.exit is None:
+            return self._note(run, "ended without an exit status", Reason.ENGINE_ERROR)
+        return run.exit
+
+    def _submit(self, command: dict[str, Any]) -> Any:
+        options = {
+            **command["options"], "num_returns": "streaming", "max_retries": 0,
+            "_generator_backpressure_num_objects": 256,
+        }
+        archive = self.ray.put(pack_directory(command["cwd"])) if command["upload"] else None
+        return self.remote.options(**options).remote(
+            command["argv"], command["cwd"], command["env"], archive
+        )
+
+    async def _chunk(self, run: _Run, kind: str, payload: Any) -> None:
+        if kind == "stdout":
+            run.stdout.write(payload)
+        elif kind == "stderr":
+            run.stderr.write(payload)
+        elif kind == "start":
+            host, port = payload["control"]
+            token = payload.pop("token")
+            run.control = (host, port, token)
+            run.state.update(node=payload, control=[host, port], token=token)
+            run.save()
+            _emit(self.events, {"ev": "running", "key": run.key, "node": payload})
+            if run.cancel_grace is not None:
+                await self._cancel(run, run.cancel_grace)
+            elif run.lending:
+                await self._lend(run, True)
+        elif kind == "exit":
+            run.exit = payload
+
+    def _failure(self, run: _Run, e: Exception) -> dict[str, Any]:
+        exceptions = self.ray.exceptions
+        if run.cancel_grace is not None or isinstance(e, exceptions.TaskCancelledError):
+            if run.control is None:
+                return {"code": None, "signal": None, "reason": Reason.CANCELLED.value,
+                        "unstarted": run.orphaned}
+            return {"code": None, "signal": signal.SIGKILL, "reason": Reason.SIGNAL.value}
+        if isinstance(e, exceptions.RuntimeEnvSetupError | exceptions.RayTaskError):
+            return self._note(run, f"could not run it: {_one_line(e)}", Reason.ENGINE_ERROR)
+        if isinstance(e, exceptions.RayError):
+            return self._note(run, f"lost the worker running it: {_one_line(e)}", Reason.LOST)
+        return self._note(run, f"could not submit it: {_one_line(e)}", Reason.ENGINE_ERROR)
+
+    def _note(self, run: _Run, text: str, reason: Reason) -> dict[str, Any]:
+        run.stderr.write(f"velda: ray {text}\n".encode())
+        return {"code": None, "signal": None, "reason": reason.value}
+
+    async def _signal(self, run: _Run, signum: int) -> None:
+        message = {"op": "signal", "signum": signum}
+        if run.control is None or not await control_request(run.control, message):
+            log.warning("cannot signal %s: it is not running", run.key)
+
+    async def _lend(self, run: _Run, on: bool) -> None:
+        run.lending = on
+        if run.control is not None:  # else once it starts
+            await control_request(run.control, {"op": "lend", "on": on})
+
+    async def _cancel(self, run: _Run, grace_s: float) -> None:
+        run.cancel_grace = grace_s
+        if run.gen is None:
+            return  # _follow cancels once submitted
+        if run.control is not None:
+            if await control_request(run.control, {"op": "cancel", "grace_s": grace_s}):
+                return
+            await asyncio.to_thread(self.ray.cancel, run.gen, force=True)
+            return
+        # Not running yet: drops it from Ray's queue (or interrupts it if it just started;
+        # the node side then kills the process group).
+        await asyncio.to_thread(self.ray.cancel, run.gen)
+
+
+def pack_directory(path: str) -> bytes:
+    """A gzipped tarball of the directory (modes kept, so scripts stay executable)."""
+    total = 0
+
+    def add(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        nonlocal total
+        if Path(info.name).name in _UPLOAD_SKIP:
+            return None
+        total += info.size
+        if total > _UPLOAD_LIMIT:
+            raise ValueError(f"working directory {path} is larger than "
+                             f"{_UPLOAD_LIMIT >> 20} MiB; use workdir = \"shared\"")
+        return info
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=1) as tar:
+        tar.add(path, arcname=".", filter=add)
+    return buffer.getvalue()
+
+
+def _open_log(path: str) -> IO[bytes]:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "ab", buffering=0)

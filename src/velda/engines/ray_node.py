@@ -1,0 +1,335 @@
+"""What runs on a Ray node: one attempt of a velda task, inside a Ray worker.
+
+The bridge (ray_bridge.py) registers this module to be pickled by value, so a node needs ray
+and the standard library only, no velda install: nothing here may import velda.
+
+`run_attempt` is a streaming generator task. It starts the argv in a new session with pipes
+for stdout and stderr, in the submitter's cwd (`workdir = "shared"`) or in a fresh copy of it
+unpacked from a tarball the bridge put in the object store (`workdir = "upload"`), and yields
+what happens: a "start" record, the output in chunks, then the exit status. A small TCP
+control port lets the bridge signal the process group (Ray's own `cancel` cannot deliver a
+chosen signal, and with `force=False` it does not interrupt a process wait). A `/bin/sh`
+guard kills the process group when the worker goes away, even by SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+_READ_SIZE = 96 * 1024  # a chunk stays under Ray's 100 KiB inline limit: no object store
+_PIPE_SIZE = 1024 * 1024
+_LINGER_S = 0.005
+_DRAIN_S = 1.0  # how long the pipes may stay open after the command exits
+_LEND_WAIT_S = 0.05  # while lending, output is read between waits this long
+
+
+def run_attempt(
+    argv: list[str], cwd: str, env: dict[str, str], archive: bytes | None
+) -> Iterator[tuple[str, Any]]:
+    """Yields ("start", info), then ("stdout"|"stderr", bytes) chunks, then ("exit", status)."""
+    import shutil
+
+    copy = _unpack(archive) if archive is not None else None
+    try:
+        yield from _run_in(argv, copy or cwd, env)
+    finally:
+        if copy is not None:
+            shutil.rmtree(copy, ignore_errors=True)
+
+
+def _run_in(argv: list[str], cwd: str, env: dict[str, str]) -> Iterator[tuple[str, Any]]:
+    ray: Any = importlib.import_module("ray")
+    node_ip = ray.util.get_node_ip_address()
+    context = ray.get_runtime_context()
+    env = _node_env(env, cwd, context.gcs_address, bool(context.get_accelerator_ids().get("GPU")))
+    guard = _GroupGuard()  # it starts while the command does
+    proc, error = _spawn(argv, cwd, env, node_ip)
+    if proc is None:
+        guard.close()
+        yield ("stderr", error[0].encode())
+        yield ("exit", _status(error[1]))
+        return
+    control = _Control(proc.pid, node_ip)
+    guard.watch(proc.pid)
+    try:
+        node_id = ray.get_runtime_context().get_node_id()
+        yield ("start", {"node_ip": node_ip, "node_id": node_id, "pid": proc.pid,
+                         "control": [node_ip, control.port], "token": control.token})
+        yield from _pump(proc, _Lender(ray, control))
+        yield ("exit", _status(proc.returncode))
+    finally:
+        control.close()
+        guard.close()
+        _killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _unpack(archive: bytes) -> str:
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="velda-upload-")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(path, filter="data")
+        else:
+            tar.extractall(path)  # Python < 3.11.4 on the node; our own tarball
+    return path
+
+
+def _node_env(env: dict[str, str], cwd: str, gcs_address: str, gpus: bool) -> dict[str, str]:
+    # The GPUs Ray gave this task (it sets the variable in the worker for tasks that ask for
+    # GPUs), or none at all: without GPUs Ray leaves every GPU of the node visible.
+    env = dict(env)
+    env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "") if gpus else ""
+    env["PWD"] = cwd
+    env.setdefault("RAY_ADDRESS", gcs_address)  # so a task's own ray.init() joins this cluster
+    return env
+
+
+def _spawn(
+    argv: list[str], cwd: str, env: dict[str, str], node_ip: str
+) -> tuple[subprocess.Popen[bytes] | None, tuple[str, int]]:
+    """The started process, or None and (message, exit code) like a shell's (126, 127)."""
+    if not os.path.isdir(cwd):
+        return None, (f"velda: working directory {cwd} does not exist on node {node_ip}\n", 126)
+    # Ray workers block SIGINT; a child inherits the mask, so it would never see a Ctrl-C.
+    mask = signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    try:
+        proc = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, start_new_session=True,
+        )
+    except (OSError, ValueError, IndexError) as e:
+        code = 126 if isinstance(e, PermissionError) else 127
+        why = e.strerror if isinstance(e, OSError) else str(e)
+        return None, (f"velda: cannot run {argv[:1]} on node {node_ip}: {why}\n", code)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return proc, ("", 0)
+
+
+def _status(returncode: int) -> dict[str, Any]:
+    if returncode < 0:
+        return {"code": None, "signal": -returncode, "reason": "signal"}
+    return {"code": returncode, "signal": None, "reason": "exit" if returncode else None}
+
+
+def _pump(proc: subprocess.Popen[bytes], lender: _Lender) -> Iterator[tuple[str, bytes]]:
+    """The process's output in order per stream, until both pipes close."""
+    import time
+
+    output = _Output(proc)
+    deadline = None
+    while output.open():
+        chunks, idle = output.read(0.0 if lender.wait() else None)
+        for chunk in chunks:  # not `yield from`: Ray calls send() on this generator
+            yield chunk
+        if idle:
+            deadline = _drain_deadline(proc, deadline)
+            if deadline is not None and time.monotonic() > deadline + _DRAIN_S:
+                break  # something outside the group holds a pipe: stop waiting for it
+    for chunk in output.flush():
+        yield chunk
+    proc.wait()
+
+
+class _Output:
+    """The command's two pipes, read into chunks of up to _READ_SIZE. A chunk goes out once
+    full, at the end of its pipe, or _LINGER_S after its first byte: each chunk costs a Ray
+    round trip, and a writer's small writes would otherwise each make one."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        import selectors
+
+        self.pipes = selectors.DefaultSelector()
+        for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+            assert pipe is not None
+            with contextlib.suppress(OSError):  # larger reads, fewer chunks
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+            self.pipes.register(pipe, selectors.EVENT_READ, name)
+        self.buffers = {"stdout": bytearray(), "stderr": bytearray()}
+        self.flush_at: float | None = None
+
+    def open(self) -> bool:
+        return bool(self.pipes.get_map())
+
+    def read(self, wait_s: float | None = None) -> tuple[list[tuple[str, bytes]], bool]:
+        """Chunks ready to go out, and whether nothing came for a while (at most wait_s)."""
+        import time
+
+        now = time.monotonic()
+        timeout = 0.2 if self.flush_at is None else max(0.0, self.flush_at - now)
+        if wait_s is not None:
+            timeout = min(timeout, wait_s)
+        ready = self.pipes.select(timeout)
+        chunks = [chunk for key, _ in ready for chunk in self._read_one(key)]
+        now = time.monotonic()
+        if self.flush_at is not None and now >= self.flush_at:
+            chunks += self.flush()
+        elif self.flush_at is None and any(self.buffers.values()):
+            self.flush_at = now + _LINGER_S
+        return chunks, not ready
+
+    def _read_one(self, key: Any) -> list[tuple[str, bytes]]:
+        buffer = self.buffers[key.data]
+        data = os.read(key.fd, _READ_SIZE - len(buffer))
+        buffer += data
+        if not data:
+            self.pipes.unregister(key.fileobj)
+            key.fileobj.close()
+        if (data and len(buffer) < _READ_SIZE) or not buffer:
+            return []
+        chunk = bytes(buffer)
+        buffer.clear()
+        return [(key.data, chunk)]
+
+    def flush(self) -> list[tuple[str, bytes]]:
+        self.flush_at = None
+        chunks = [(name, bytes(b)) for name, b in self.buffers.items() if b]
+        for buffer in self.buffers.values():
+            buffer.clear()
+        return chunks
+
+
+def _drain_deadline(proc: subprocess.Popen[bytes], deadline: float | None) -> float | None:
+    """Once the command has exited, processes it left behind holding the pipes get _DRAIN_S
+    before the group is killed: the attempt ends with its command."""
+    import time
+
+    if proc.poll() is None:
+        return None
+    now = time.monotonic()
+    if deadline is None:
+        return now + _DRAIN_S
+    if now >= deadline:
+        _killpg(proc.pid, signal.SIGKILL)
+    return deadline
+
+
+def _killpg(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+class _Lender:
+    """Lends the attempt's CPUs while the server says its command is blocked in a `vrun`, so
+    that the children it waits for can run (SPEC §5). Ray gives back a task's CPUs (not its
+    GPUs) while the task's main thread waits in `ray.wait`, and takes them again when the
+    wait ends; a reference that never resolves makes a wait that only ends by its timeout."""
+
+    def __init__(self, ray: Any, control: _Control) -> None:
+        self.ray = ray
+        self.control = control
+        self.never: Any = None
+
+    def wait(self) -> bool:
+        """Wait _LEND_WAIT_S lending the CPUs, if asked to; False (at once) if not."""
+        if not self.control.lending.is_set():
+            return False
+        if self.never is None:
+            self.never = self.ray.ObjectRef.from_random()
+        self.ray.wait([self.never], timeout=_LEND_WAIT_S)
+        return True
+
+
+class _Control:
+    """A TCP port on the node through which the bridge signals the attempt's process group
+    and says when to lend its CPUs."""
+
+    def __init__(self, pgid: int, host: str) -> None:
+        import secrets
+        import threading
+
+        self.pgid = pgid
+        self.token = secrets.token_hex(16)
+        self.sock = socket.create_server((host, 0))
+        self.sock.settimeout(0.5)
+        self.port: int = self.sock.getsockname()[1]
+        self.stopped = threading.Event()
+        self.lending = threading.Event()
+        self.timers: list[threading.Timer] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        import hmac
+
+        conn.settimeout(5)
+        try:
+            request = json.loads(conn.makefile("rb").readline())
+            if hmac.compare_digest(str(request.get("token")), self.token):
+                self._act(request)
+                conn.sendall(b"ok\n")
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+
+    def _act(self, request: dict[str, Any]) -> None:
+        import threading
+
+        if request["op"] == "signal":
+            _killpg(self.pgid, int(request["signum"]))
+        elif request["op"] == "lend":
+            (self.lending.set if request["on"] else self.lending.clear)()
+        elif request["op"] == "cancel":
+            _killpg(self.pgid, signal.SIGCONT)
+            _killpg(self.pgid, signal.SIGTERM)
+            timer = threading.Timer(float(request["grace_s"]), _killpg,
+                                    (self.pgid, signal.SIGKILL))
+            timer.daemon = True
+            timer.start()
+            self.timers.append(timer)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.sock.close()
+        for timer in self.timers:
+            timer.cancel()
+
+
+class _GroupGuard:
+    """A /bin/sh that kills the process group once this worker closes the pipe it waits on,
+    or dies: a Ray worker killed with its node or its owner must not leave the command
+    running. It is a grandchild, not a child: a dying Ray worker kills its own children
+    (the command's leader among them), which would take the guard along and leave the rest
+    of the group running."""
+
+    _SCRIPT = ('exec 3<&0; (read pgid <&3 && read x <&3; [ -n "$pgid" ] && kill -9 -"$pgid")'
+               ' >/dev/null 2>&1 &')
+
+    def __init__(self) -> None:
+        read_end, self.write_end = os.pipe()
+        self.starter = subprocess.Popen(
+            ["/bin/sh", "-c", self._SCRIPT], stdin=read_end, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        os.close(read_end)
+
+    def watch(self, pgid: int) -> None:
+        """Guard this group. Once this returns, the guard runs apart from this worker."""
+        os.write(self.write_end, b"%d\n" % pgid)
+        self.starter.wait()
+
+    def close(self) -> None:
+        os.close(self.write_end)
+        self.starter.wait()
