@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 
 from velda.client import Client, VeldaError
@@ -23,8 +25,6 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
 
 
 def _prog() -> str:
-    import os
-
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "velda"
 
 
@@ -53,6 +53,16 @@ def exit_code_of(task: dict[str, Any]) -> int:
     if status == "SUCCESS":
         return 0
     return code if code else EXIT_ERROR
+
+
+def help_formatter(prog: str) -> argparse.HelpFormatter:
+    """argparse's formatter, given the width itself: left to find it, argparse imports shutil
+    on every run (it builds a formatter for each add_argument), a cost paid by each vbatch."""
+    try:
+        width = os.get_terminal_size().columns - 2
+    except OSError:
+        width = 78
+    return argparse.RawDescriptionHelpFormatter(prog, width=max(width, 40))
 
 
 def say(quiet: bool, message: str) -> None:

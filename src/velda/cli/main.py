@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from velda.cli import server, task
-from velda.cli.common import run_command
+from velda.cli.common import help_formatter, run_command
 
 EPILOG = """examples:
   velda task list                     top-level tasks, newest first
@@ -20,7 +20,7 @@ EPILOG = """examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="velda", description="Inspect and control velda tasks, pools and the server.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG, formatter_class=help_formatter,
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     task.add_parsers(sub)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported at run time: it slows every command
+if TYPE_CHECKING:
+    from typing import Any
 
 TABLE = ["id", "name", "status", "pool", "children", "created", "duration"]
 WIDE = TABLE + ["attempt", "exit_code", "reason", "parent_id", "labels", "command"]

@@ -7,12 +7,15 @@ import json
 import os
 import signal
 import time
-from typing import Any
 
-from velda.cli.common import fail
+from velda.cli.common import fail, help_formatter
 from velda.cli.output import render
-from velda.client import Client, VeldaError, read_server_pid, read_server_url, start_server
+from velda.client import Client, VeldaError, healthy, read_server_info, start_server
 from velda.paths import velda_home
+
+TYPE_CHECKING = False  # typing is not imported at run time: it slows every command
+if TYPE_CHECKING:
+    from typing import Any
 
 POOL_COLUMNS = ["name", "engine", "resources", "capacity", "running", "queued", "error"]
 
@@ -24,7 +27,7 @@ def add_parsers(sub: Any) -> None:
         "start", help="start the server (in the background unless --foreground)",
         epilog="example:\n  velda server start --foreground --host 0.0.0.0 --port 7411 "
                "--config velda.toml",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=help_formatter,
     )
     start.add_argument("--foreground", action="store_true", help="run in this process")
     start.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -57,7 +60,7 @@ def run_server(args: argparse.Namespace) -> int:
     return _status(args)
 
 
-def _start(args: argparse.Namespace, home: Any) -> int:
+def _start(args: argparse.Namespace, home: str) -> int:
     extra = ["--host", args.host]
     if args.port is not None:
         extra += ["--port", str(args.port)]
@@ -67,26 +70,18 @@ def _start(args: argparse.Namespace, home: Any) -> int:
         from velda.server.main import main as server_main
 
         return server_main(["--home", str(home), *extra])
-    url = read_server_url(home)
-    if url and _answers(url):
-        print(f"already running at {url}")
+    info = read_server_info(home)
+    if info and healthy(info["url"]):
+        print(f"already running at {info['url']}")
         return 0
     print(start_server(home, extra))
     return 0
 
 
-def _answers(url: str) -> bool:
-    try:
-        Client(url, "-", start=False).request("GET", "/healthz")
-    except VeldaError:
-        return False
-    return True
-
-
-def _stop(home: Any) -> int:
-    pid = read_server_pid(home)
-    url = read_server_url(home)
-    if pid is None or not url or not _answers(url):
+def _stop(home: str) -> int:
+    info = read_server_info(home)
+    pid = info.get("pid") if info else None
+    if not isinstance(pid, int) or not info or not healthy(info["url"]):
         print("no server is running")
         return 0
     os.kill(pid, signal.SIGTERM)

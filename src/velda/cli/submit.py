@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from velda.cli.common import help_formatter
+
 TYPE_CHECKING = False  # typing is not imported at run time: it slows every vbatch
 if TYPE_CHECKING:
     from typing import Any
@@ -29,7 +31,7 @@ def parser(
 ) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description=description, epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=help_formatter,
     )
     if follow:
         p.add_argument("-f", "--follow", action="store_true",

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
 
-from velda.cli.common import connect, exit_code_of
-from velda.cli.follow import Follower, StatusPrinter, wait_for
+from velda.cli.common import connect, exit_code_of, help_formatter
 from velda.cli.output import TABLE, render
-from velda.cli.progress import ProgressView
 from velda.client import Client
+
+TYPE_CHECKING = False  # typing is not imported at run time: it slows every command
+if TYPE_CHECKING:
+    from typing import Any
 
 EXAMPLES = {
     "log": "velda task log train            # stored stdout and stderr\n"
@@ -47,7 +48,7 @@ def _verb(verbs: Any, name: str, summary: str) -> argparse.ArgumentParser:
     return verbs.add_parser(  # type: ignore[no-any-return]
         name, help=summary, description=summary[0].upper() + summary[1:] + ".",
         epilog="example:\n  " + EXAMPLES[name],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=help_formatter,
     )
 
 
@@ -137,6 +138,8 @@ def _log(client: Client, args: argparse.Namespace) -> int:
     task = client.get(args.ref)
     streams = _chosen_streams(args)
     if args.follow:
+        from velda.cli.follow import Follower, wait_for
+
         follower = Follower(client, task["id"], None, streams, args.attempt)
         wait_for(follower, lambda n: True)
         return 0
@@ -166,6 +169,9 @@ def _tail(data: bytes, n: int) -> bytes:
 
 
 def _watch(client: Client, args: argparse.Namespace) -> int:
+    from velda.cli.follow import StatusPrinter
+    from velda.cli.progress import ProgressView
+
     task = client.get(args.ref)
     view = ProgressView(sys.stdout)
     printer = StatusPrinter(quiet=False)

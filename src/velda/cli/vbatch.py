@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 from velda.cli.common import connect, run_command, say
-from velda.cli.follow import Follower, StatusPrinter, wait_for
 from velda.cli.submit import EPILOG_VBATCH, check_command, parser, request_of
 
 
@@ -27,6 +26,8 @@ def _vbatch(request: dict[str, object], follow: bool, quiet: bool) -> int:
     say(quiet, client.web_url(task["id"]))
     if not follow:
         return 0
+    from velda.cli.follow import Follower, StatusPrinter, wait_for  # threading: only for -f
+
     printer = StatusPrinter(quiet)
     follower = Follower(client, task["id"], printer)
     return wait_for(follower, lambda n: _detach(client, task["id"]))

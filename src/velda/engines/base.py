@@ -78,5 +78,10 @@ class Engine(Protocol):
     async def adopt(self, task_id: str, attempt: int, handle: Handle, launch: Launch) -> None:
         """After a server restart: find a running attempt again and watch it to its end."""
 
+    async def lend_cpus(self, handle: Handle, on: bool) -> None:
+        """The attempt's command waits in a `vrun` (on) or stopped waiting (off): let its
+        descendants use its CPUs meanwhile. The local engine does nothing here, since velda's
+        scheduler lends local CPUs itself."""
+
     async def close(self) -> None:
         """The server is stopping. Running work keeps running."""

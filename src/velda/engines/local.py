@@ -138,6 +138,9 @@ class LocalEngine:
         _killpg(handle, signal.SIGTERM)
         asyncio.get_running_loop().call_later(grace_s, _killpg, handle, signal.SIGKILL)
 
+    async def lend_cpus(self, handle: Handle, on: bool) -> None:
+        return None  # the scheduler lends local CPUs (Capacity.lendable)
+
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
         for fd in list(self._watched):

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from velda.engines.base import EngineError, EngineEvents, Handle, Launch, NotStartedError
+from velda.engines.pids import same_process
 from velda.models import Exit, Pool, Reason, Resources
 
 log = logging.getLogger("velda.engines.ray")
@@ -292,7 +293,7 @@ class RayEngine:
         bridge = state["bridge"]
         while True:
             await asyncio.sleep(ADOPT_POLL_S)
-            alive = _same_process(bridge["pid"], bridge["start"])
+            alive = same_process(bridge["pid"], bridge["start"])
             state = _read_state(path) or state  # read after the check: a last write counts
             if self._follow_state(tracked, state):
                 return
@@ -390,7 +391,7 @@ async def _settled_state(path: Path) -> dict[str, Any] | None:
     for _ in range(20):
         if state is None or "control" in state or "exit" in state:
             return state
-        if not _same_process(state["bridge"]["pid"], state["bridge"]["start"]):
+        if not same_process(state["bridge"]["pid"], state["bridge"]["start"]):
             return _read_state(path)
         await asyncio.sleep(ADOPT_POLL_S)
         state = _read_state(path)
@@ -401,20 +402,7 @@ def _never_started(state: dict[str, Any]) -> bool:
     if "exit" in state:
         return bool(state["exit"].get("unstarted"))
     bridge = state["bridge"]
-    return "control" not in state and not _same_process(bridge["pid"], bridge["start"])
-
-
-def start_time(pid: int) -> int | None:
-    """The kernel's start time of pid, to tell a reused pid from the bridge's."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _same_process(pid: int, start: int | None) -> bool:
-    return start_time(pid) == start and start is not None
+    return "control" not in state and not same_process(bridge["pid"], bridge["start"])
 
 
 def _append(path: Path, text: str) -> None:

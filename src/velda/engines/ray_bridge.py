@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from velda.engines import ray_node
-from velda.engines.ray import ADOPT_POLL_S, Control, control_request, probe, start_time
+from velda.engines.pids import start_time
+from velda.engines.ray import ADOPT_POLL_S, Control, control_request, probe
 from velda.models import Reason
 
 _LINE_LIMIT = 64 * 1024 * 1024  # one start command carries the task's whole environment

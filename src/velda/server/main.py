@@ -107,14 +107,14 @@ def _env_port() -> int | None:
 
 
 def announce(home: Path, url: str) -> None:
-    path = server_file(home)
+    path = Path(server_file(home))
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
     tmp.replace(path)
 
 
 def withdraw(home: Path) -> None:
-    path = server_file(home)
+    path = Path(server_file(home))
     try:
         if json.loads(path.read_text()).get("pid") == os.getpid():
             path.unlink()
@@ -133,7 +133,7 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    home = args.home or velda_home()
+    home = args.home or Path(velda_home())
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     take_lock(home)

@@ -71,6 +71,7 @@ class Runtime:
         self.blockers: dict[int, int] = {}  # task -> open children it waits for (vrun)
         self.timers: dict[int, asyncio.TimerHandle] = {}
         self._schedule_pending = False
+        self._jobs: set[asyncio.Task[None]] = set()
 
     # --- pools
 
@@ -303,12 +304,15 @@ class Runtime:
     def _lend_cpus(self, task_id: int, on: bool) -> None:
         """Tell the engine of a remote task that its command waits in a vrun (or stopped
         waiting), so that the cluster lends its CPUs to the children, as the scheduler does
-        for local tasks. Only engines that can lend (Ray) have `lend_cpus`."""
+        for local tasks."""
         task = self.store.get(task_id)
-        engine = self.engine_of(task.pool) if task is not None and task.handle else None
-        lend = getattr(engine, "lend_cpus", None)
-        if task is not None and lend is not None:
-            asyncio.get_running_loop().create_task(lend(task.handle, on))
+        if task is None or not task.handle:
+            return
+        engine = self.engine_of(task.pool)
+        if engine.places_work:
+            job = asyncio.get_running_loop().create_task(engine.lend_cpus(task.handle, on))
+            self._jobs.add(job)  # keep a reference until it is done
+            job.add_done_callback(self._jobs.discard)
 
     def _release(self, task_id: int) -> None:
         self.alloc_pools.pop(task_id, None)
