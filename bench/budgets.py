@@ -525,7 +525,7 @@ def plain_shells(n: int) -> Memory:
 
 def wrapper_pids(server: Server, ids: list[int]) -> list[int]:
     """The per-task `/bin/sh` wrappers, once each has written its pid and forked the command."""
-    files = [server.home / "logs" / str(i) / "1" / "pid" for i in ids]
+    files = [server.home / "logs" / f"{i}.1" / "pid" for i in ids]
 
     def ready() -> bool:
         return all(f.exists() and f.read_text().strip() for f in files) and all(
@@ -585,7 +585,7 @@ def task_times(server: Server, task_id: int) -> float:
         "SELECT status, started_at, finished_at FROM tasks WHERE id=?", task_id)[0]
     if status != "SUCCESS":
         raise RuntimeError(f"task {task_id} ended {status}")
-    (server.home / "logs" / str(task_id) / "1" / "stdout").unlink()
+    (server.home / "logs" / f"{task_id}.1" / "stdout").unlink()
     return float(finished - started)
 
 
