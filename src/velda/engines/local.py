@@ -65,9 +65,15 @@ def exit_from_status(code: int) -> Exit:
 
 def _read_int(path: Path) -> int | None:
     try:
-        return int(path.read_text().strip())
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return int(os.read(fd, 64).strip())
     except (OSError, ValueError):
         return None
+    finally:
+        os.close(fd)
 
 
 class LocalEngine:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 
 def start_time(pid: int) -> int | None:
     """The kernel's start time of pid (clock ticks since boot), or None if it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    try:
+        stat = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return int(stat.rsplit(b")", 1)[1].split()[19])
 
 
 def same_process(pid: int, start: int | None) -> bool:

@@ -455,7 +455,7 @@ class Runtime:
         return self.home / "logs" / f"{task_id}.{attempt}"
 
     def _task_env(self, task: Task, pool: Pool, gpu_ids: tuple[int, ...]) -> dict[str, str]:
-        env = dict(task.env)
+        env = self.store.env_of(task.id)
         cpus = task.alloc.cpus if task.alloc else pool.resources.cpus
         env.update(
             VELDA_TASK_ID=str(task.id), VELDA_TASK_NAME=task.name or "", VELDA_POOL=task.pool,

@@ -68,7 +68,8 @@ def task_detail(task: Task, store: SqliteStore) -> dict[str, Any]:
         for a in store.attempts(task.id)
     ]
     data["ancestors"] = _ancestors(task, store)
-    data["env"] = {k: "********" if _SECRET.search(k) else v for k, v in task.env.items()}
+    env = store.env_of(task.id)
+    data["env"] = {k: "********" if _SECRET.search(k) else v for k, v in env.items()}
     return data
 
 

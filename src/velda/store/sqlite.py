@@ -92,6 +92,10 @@ _COLUMNS = (
     "total_shards gang handle alloc cancel_requested"
 ).split()
 _JSON_COLUMNS = {"command", "env", "labels", "handle"}
+# Reads leave out the environment, by far the largest column: only starting a task and its
+# page need it (env_of). A task read back without it has an empty env.
+_READ_COLUMNS = [c for c in _COLUMNS if c != "env"]
+_READ = ",".join(_READ_COLUMNS)
 
 
 def _encode(column: str, value: Any) -> Any:
@@ -107,8 +111,9 @@ def _encode(column: str, value: Any) -> Any:
 
 
 def _decode(row: sqlite3.Row) -> Task:
-    values = dict(zip(_COLUMNS, row, strict=True))
-    for column in _JSON_COLUMNS:
+    values = dict(zip(_READ_COLUMNS, row, strict=True))
+    values["env"] = {}
+    for column in _JSON_COLUMNS - {"env"}:
         if values[column] is not None:
             values[column] = json.loads(values[column])
     if values["alloc"] is not None:
@@ -179,9 +184,13 @@ class SqliteStore:
 
     def get(self, task_id: int) -> Task | None:
         row = self.db.execute(
-            f"SELECT {','.join(_COLUMNS)} FROM tasks WHERE id=?", (task_id,)
+            f"SELECT {_READ} FROM tasks WHERE id=?", (task_id,)
         ).fetchone()
         return _decode(row) if row else None
+
+    def env_of(self, task_id: int) -> dict[str, str]:
+        row = self.db.execute("SELECT env FROM tasks WHERE id=?", (task_id,)).fetchone()
+        return json.loads(row[0]) if row else {}
 
     def get_many(self, ids: Iterable[int]) -> list[Task]:
         ids = list(ids)
@@ -189,7 +198,7 @@ class SqliteStore:
             return []
         marks = ",".join("?" * len(ids))
         rows = self.db.execute(
-            f"SELECT {','.join(_COLUMNS)} FROM tasks WHERE id IN ({marks})", ids
+            f"SELECT {_READ} FROM tasks WHERE id IN ({marks})", ids
         ).fetchall()
         by_id = {t.id: t for t in map(_decode, rows)}
         return [by_id[i] for i in ids if i in by_id]
@@ -197,14 +206,14 @@ class SqliteStore:
     def open_tasks(self) -> list[Task]:
         """Every task that is not final, oldest first."""
         rows = self.db.execute(
-            f"SELECT {','.join(_COLUMNS)} FROM tasks WHERE status NOT IN ({_FINAL_SQL}) "
+            f"SELECT {_READ} FROM tasks WHERE status NOT IN ({_FINAL_SQL}) "
             "ORDER BY id"
         ).fetchall()
         return [_decode(r) for r in rows]
 
     def newest_named(self, parent_id: int | None, name: str) -> Task | None:
         row = self.db.execute(
-            f"SELECT {','.join(_COLUMNS)} FROM tasks WHERE parent_id IS ? AND name=? "
+            f"SELECT {_READ} FROM tasks WHERE parent_id IS ? AND name=? "
             "ORDER BY id DESC LIMIT 1",
             (parent_id, name),
         ).fetchone()
@@ -212,7 +221,7 @@ class SqliteStore:
 
     def children(self, parent_id: int) -> list[Task]:
         rows = self.db.execute(
-            f"SELECT {','.join(_COLUMNS)} FROM tasks WHERE parent_id=? ORDER BY id", (parent_id,)
+            f"SELECT {_READ} FROM tasks WHERE parent_id=? ORDER BY id", (parent_id,)
         ).fetchall()
         return [_decode(r) for r in rows]
 
@@ -297,7 +306,7 @@ class SqliteStore:
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         order = "ASC" if oldest_first else "DESC"
         rows = self.db.execute(
-            f"SELECT {','.join(_COLUMNS)} FROM tasks {clause} ORDER BY id {order} LIMIT ?",
+            f"SELECT {_READ} FROM tasks {clause} ORDER BY id {order} LIMIT ?",
             [*args, limit],
         ).fetchall()
         return [_decode(r) for r in rows]
