@@ -93,7 +93,8 @@ class StatusPrinter:
     def __call__(self, task: dict[str, Any]) -> None:
         if self.quiet or task["status"] == self.status:
             return
-        if task["status"] in _FINAL and task.get("started_at") and self.status != "RUNNING":
+        never_seen_running = self.status in (None, "PENDING", "QUEUED")
+        if task["status"] in _FINAL and task.get("started_at") and never_seen_running:
             self._say(task, "RUNNING")  # it ran, if too quickly for us to see it running
         self.status = task["status"]
         detail = ""
