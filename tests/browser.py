@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from conftest import missing
+
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
@@ -35,7 +37,7 @@ CHROMIUM_ARGS = [
 @pytest.fixture(scope="session")
 def chromium() -> Iterator[Browser]:
     if shutil.which(CHROMIUM) is None:
-        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)")
+        missing(f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -3,6 +3,7 @@ runs in a temporary VELDA_HOME; see velda_cli.py."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,3 +39,11 @@ def example(tmp_path: Path, velda: Velda) -> Path:
     velda.env["VELDA_CONFIG"] = str(dest / "velda.toml")
     velda.cwd = dest
     return dest
+
+
+def missing(what: str) -> None:
+    """Skip a test whose tool is not installed here; in CI, where scripts/test.sh installs
+    everything, fail instead: CI must never skip what it can install."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what}, although scripts/test.sh installs it")
+    pytest.skip(what)

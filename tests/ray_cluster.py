@@ -33,6 +33,8 @@ from typing import IO, Any
 
 import pytest
 
+from conftest import missing
+
 START_TIMEOUT_S = 120
 OBJECT_STORE_BYTES = 150 * 1024 * 1024  # Ray's minimum is ~75 MB; default would be 30% of RAM
 HEAD = {"num_cpus": 2, "num_gpus": 1}
@@ -91,7 +93,7 @@ def _answer(proc: subprocess.Popen[str], timeout_s: float) -> str:
 def start_cluster(single: bool = False) -> RayCluster:
     """Start a cluster (skip the test if Ray is not installed); the caller stops it."""
     if importlib.util.find_spec("ray") is None:
-        pytest.skip("ray is not installed (pip install 'ray[default]')")
+        missing("ray is not installed (pip install 'ray[default]')")
     proc = subprocess.Popen(
         [sys.executable, __file__, *(["--single"] if single else [])], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True, start_new_session=True,
