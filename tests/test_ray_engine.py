@@ -27,6 +27,7 @@ from ray_cluster import RayCluster, start_cluster
 from velda.engines.base import EngineError, Handle, Launch, NotStartedError
 from velda.engines.ray import RayEngine
 from velda.models import Exit, Pool, Reason, Resources
+from velda_cli import alive
 
 pytestmark = pytest.mark.ray
 
@@ -151,14 +152,6 @@ GROUP = ["sh", "-c", "sleep 1000 & echo $$ $!; wait"]  # a process group of two
 def group_pids(harness: Harness, launch: Launch) -> list[int]:
     harness.wait_output(launch, "\n")
     return [int(p) for p in launch.stdout_path.read_text().split()]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
 
 
 # The same bytes are computed here and written by the task: ~5 MB of stdout in pieces of

@@ -10,7 +10,6 @@ stays local, so the same pipelines mix local and Ray tasks.
 from __future__ import annotations
 
 import json
-import os
 import select
 import shutil
 import signal
@@ -25,7 +24,7 @@ import pytest
 
 from ray_cluster import RayCluster
 from test_examples import make_data, parse_time
-from velda_cli import FINAL, Velda
+from velda_cli import FINAL, Velda, wait_gone
 
 pytestmark = pytest.mark.ray
 
@@ -145,21 +144,6 @@ def explain(velda: Velda, task_id: str) -> str:
         lines.append(f"{task['id']} {task['status']} {task['reason']} {task['command']}\n"
                      f"  stdout: {log.stdout[-500:]!r}\n  stderr: {log.stderr[-1500:]!r}")
     return "\n".join(lines)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
-
-
-def wait_gone(pid: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while alive(pid):
-        assert time.monotonic() < deadline, f"process {pid} still alive after {timeout:g} s"
-        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------- the example pipelines

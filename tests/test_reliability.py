@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-from velda_cli import Velda
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    return state != "Z"
+from velda_cli import Velda, alive
 
 
 def _pid_of(velda: Velda, task_id: str) -> int:
@@ -51,7 +41,7 @@ def test_cancel_stops_a_whole_subtree(velda: Velda) -> None:
     assert velda.get(f"{root}/nested/deep")["status"] == "CANCELLED"
     assert velda.get(f"{root}/waiter")["started_at"] is None
     assert velda.get(f"{root}/sleeper")["signal"] == signal.SIGTERM
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(alive(pid) for pid in pids)
 
 
 def test_cancel_of_an_inner_task_leaves_its_siblings(velda: Velda) -> None:
@@ -85,7 +75,7 @@ def test_kill_9_of_the_server_loses_nothing(velda: Velda, tmp_path: Path) -> Non
     velda.kill_server()
     gate.touch()  # let the running task end while no server is up
     time.sleep(1.5)
-    assert velda.server_pid() is None or not _alive(velda.server_pid() or 0)
+    assert velda.server_pid() is None or not alive(velda.server_pid() or 0)
     # the next command starts a new server, which finds everything again
     for i, task_id in enumerate(ids):
         task = velda.wait(task_id, timeout=60)

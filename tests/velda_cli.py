@@ -102,7 +102,7 @@ class Velda:
         pid = self.server_pid()
         assert pid is not None, "no server is running"
         os.kill(pid, signal.SIGKILL)
-        _wait_gone(pid)
+        wait_gone(pid)
 
     def shutdown(self) -> None:
         """Stop the server and anything its tasks left running."""
@@ -117,12 +117,21 @@ class Velda:
                 pass
 
 
-def _wait_gone(pid: int, timeout: float = 10) -> None:
+def alive(pid: int) -> bool:
+    """Is pid a live process (not gone, not a zombie waiting to be reaped)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_gone(pid: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
+    while alive(pid):
+        assert time.monotonic() < deadline, f"process {pid} still alive after {timeout:g} s"
         time.sleep(0.02)
-    raise AssertionError(f"process {pid} did not go away")

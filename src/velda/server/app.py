@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import BaseRoute, Route
 
 from velda import __version__
-from velda.models import Task
+from velda.models import Task, TaskStatus
 from velda.protocol import BadRequest, SubmitRequest, parse_label
 from velda.server import logs
 from velda.server.auth import CSRF_HEADER, Auth, Principal
@@ -215,8 +215,6 @@ def _opt_int(value: str | None, field: str) -> int | None:
 
 
 def _check_statuses(statuses: list[str]) -> None:
-    from velda.models import TaskStatus
-
     known = {s.value for s in TaskStatus}
     for status in statuses:
         if status not in known:

@@ -138,18 +138,24 @@ class Runtime:
             self._check_gang_fits(pool, req.total_shards)
 
     def _check_gang_fits(self, pool: Pool, shards: int) -> None:
-        need, machine = self.need_of(pool), self.local.capacity()
-        fits = min(
-            int(machine.cpus // need.cpus) if need.cpus else shards,
-            machine.gpus // need.gpus if need.gpus else shards,
-            pool.capacity if pool.capacity is not None else shards,
-        )
-        if shards > fits:
+        fits = self.tasks_at_once(pool)
+        if fits is not None and shards > fits:
             raise BadRequest(
                 f"gang of {shards} can never run at once in pool {pool.name}: "
-                f"it fits at most {fits} ({machine.describe()} on this machine)",
+                f"it fits at most {fits} ({self.local.capacity().describe()} on this machine)",
                 "total_shards",
             )
+
+    def tasks_at_once(self, pool: Pool) -> int | None:
+        """How many tasks of a local pool the machine (and the pool's own `capacity`) can run
+        at the same time; None when nothing limits it."""
+        need, machine = self.need_of(pool), self.local.capacity()
+        limits = [
+            int(machine.cpus // need.cpus) if need.cpus else None,
+            machine.gpus // need.gpus if need.gpus else None,
+            pool.capacity,
+        ]
+        return min((n for n in limits if n is not None), default=None)
 
     def _dependencies(self, req: SubmitRequest, scope: int | None) -> list[Dependency]:
         deps = []
@@ -593,10 +599,7 @@ class Runtime:
         except EngineError as e:
             error = str(e)
         if pool.engine == "local":
-            need, machine = self.need_of(pool), self.local.capacity()
-            fits = [int(machine.cpus // need.cpus) if need.cpus else None,
-                    machine.gpus // need.gpus if need.gpus else None, pool.capacity]
-            capacity = min((f for f in fits if f is not None), default=None)
+            capacity = self.tasks_at_once(pool)
         r = pool.resources
         return {
             "name": pool.name, "engine": pool.engine,

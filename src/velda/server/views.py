@@ -7,7 +7,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
-from velda.models import Children, Task
+from velda.models import Children, Dependency, Task
 from velda.store.sqlite import SqliteStore
 
 _SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIAL", re.IGNORECASE)
@@ -21,7 +21,10 @@ def rfc3339(ts: float | None) -> str | None:
     )
 
 
-def task_json(task: Task, children: Children, store: SqliteStore) -> dict[str, Any]:
+def task_json(
+    task: Task, children: Children, store: SqliteStore, deps: list[Dependency] | None = None
+) -> dict[str, Any]:
+    deps = store.dependencies(task.id) if deps is None else deps
     return {
         "id": str(task.id),
         "name": task.name,
@@ -42,10 +45,7 @@ def task_json(task: Task, children: Children, store: SqliteStore) -> dict[str, A
         "started_at": rfc3339(task.started_at),
         "finished_at": rfc3339(task.finished_at),
         "resolved_at": rfc3339(task.resolved_at),
-        "depends_on": [
-            {"id": str(d.upstream_id), "kind": d.kind.value}
-            for d in store.dependencies(task.id)
-        ],
+        "depends_on": [{"id": str(d.upstream_id), "kind": d.kind.value} for d in deps],
         "children": asdict(children),
         "shard_id": task.shard_id,
         "total_shards": task.total_shards,
@@ -86,5 +86,6 @@ def _ancestors(task: Task, store: SqliteStore) -> list[dict[str, Any]]:
 
 
 def tasks_json(tasks: list[Task], store: SqliteStore) -> list[dict[str, Any]]:
-    counts = store.children_counts([t.id for t in tasks])
-    return [task_json(t, counts[t.id], store) for t in tasks]
+    ids = [t.id for t in tasks]
+    counts, deps = store.children_counts(ids), store.dependencies_of(ids)
+    return [task_json(t, counts[t.id], store, deps[t.id]) for t in tasks]

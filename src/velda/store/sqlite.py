@@ -325,6 +325,21 @@ class SqliteStore:
         ).fetchall()
         return [Dependency(u, DependencyKind(k)) for u, k in rows]
 
+    def dependencies_of(self, task_ids: list[int]) -> dict[int, list[Dependency]]:
+        """The dependencies of many tasks in one query (a page of a list)."""
+        found: dict[int, list[Dependency]] = {t: [] for t in task_ids}
+        if not task_ids:
+            return found
+        marks = ",".join("?" * len(task_ids))
+        rows = self.db.execute(
+            f"SELECT task_id, upstream_id, kind FROM deps WHERE task_id IN ({marks}) "
+            "ORDER BY task_id, upstream_id",
+            task_ids,
+        )
+        for task_id, upstream, kind in rows:
+            found[task_id].append(Dependency(upstream, DependencyKind(kind)))
+        return found
+
     def dependents(self, upstream_id: int) -> list[tuple[int, DependencyKind]]:
         """(dependent task id, kind) of the tasks that depend on upstream_id."""
         rows = self.db.execute(
