@@ -15,12 +15,29 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium >/dev/null
 fi
 
+if ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+  echo "== installing python3-venv (Debian package) to create .venv"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq python3-venv >/dev/null
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"
   python3 -m venv .venv
 fi
-echo "== installing velda with its test and ray extras into .venv"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,ray]'
+# What is installed is recorded in a stamp: the hash of pyproject.toml, the extras and the
+# interpreter. pip runs only when that changed (or the venv is new), so a second run starts
+# testing at once; source edits need no reinstall (velda is installed editable).
+extras='.[test,ray]'
+want=$( (cat pyproject.toml; echo "$extras"; .venv/bin/python -VV) | sha256sum | cut -d' ' -f1)
+stamp=.venv/velda-installed
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x .venv/bin/vrun ]; then
+  echo "== installing velda with its test and ray extras into .venv"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e "$extras"
+  echo "$want" > "$stamp"
+else
+  echo "== .venv is up to date with pyproject.toml (delete $stamp to reinstall)"
+fi
 
 echo "== running the tests"
 exec .venv/bin/python -m pytest "$@"

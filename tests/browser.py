@@ -34,7 +34,10 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+# One browser per test module, not per session: while Playwright's sync API is open it keeps
+# an event loop running in the main thread, and any later test that runs an asyncio loop of
+# its own (the in-memory runtime and engine tests) would fail with "another loop is running".
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Browser]:
     if shutil.which(CHROMIUM) is None:
         missing(f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)")

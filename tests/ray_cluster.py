@@ -9,6 +9,7 @@ Tests that use it are skipped, saying why, only when Ray is not installed.
     def test_x(ray_cluster: RayCluster) -> None:
         ray_cluster.address      # host:port of the head's GCS
         ray_cluster.node2_id     # Ray node ID of the second node
+        ray_cluster.root         # its temp root, new at each start: /tmp/ray is never used
         ray_cluster.kill_node2() # kill -9 its raylet (reaped), then add a fresh second node
 
 `start_cluster(single=True)` starts a throwaway one-node cluster whose GCS a test may kill
@@ -46,6 +47,7 @@ class RayCluster:
     address: str
     head_id: str
     node2_id: str
+    root: str  # the cluster's own temp root, new for each start (Ray's default is /tmp/ray)
     proc: subprocess.Popen[str]
 
     def kill_node2(self) -> str:
@@ -98,8 +100,8 @@ def start_cluster(single: bool = False) -> RayCluster:
         [sys.executable, __file__, *(["--single"] if single else [])], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True, start_new_session=True,
     )
-    address, head_id, node2_id = _answer(proc, START_TIMEOUT_S).split()
-    return RayCluster(address, head_id, node2_id, proc)
+    address, head_id, node2_id, root = _answer(proc, START_TIMEOUT_S).split()
+    return RayCluster(address, head_id, node2_id, root, proc)
 
 
 @pytest.fixture(scope="session")
@@ -119,9 +121,16 @@ def _add_node2(cluster: Any) -> Any:
 
 
 def _serve(out: IO[str], single: bool) -> None:
+    root = tempfile.mkdtemp(prefix="vray-", dir="/tmp")  # short: Ray's socket paths
+    temp_dir = os.path.join(root, "ray")
+    os.mkdir(temp_dir)
+    # Ray's default temp dir ($RAY_TMPDIR/ray) is where ray.cluster_utils writes
+    # ray_current_cluster, whatever temp_dir says; by default that is /tmp/ray or
+    # $TMPDIR/ray, which exist only where Ray ran before. A fresh root for every run
+    # keeps the cluster off anything an earlier run left behind.
+    os.environ["RAY_TMPDIR"] = root
     from ray.cluster_utils import Cluster
 
-    temp_dir = tempfile.mkdtemp(prefix="vray-", dir="/tmp")  # short: Ray's socket paths
     cluster = Cluster(initialize_head=True, head_node_args={
         **({"num_cpus": 1} if single else HEAD), "object_store_memory": OBJECT_STORE_BYTES,
         "include_dashboard": False, "temp_dir": temp_dir,
@@ -130,7 +139,7 @@ def _serve(out: IO[str], single: bool) -> None:
     node2 = None if single else _add_node2(cluster)
     cluster.wait_for_nodes()
     node2_id = node2.node_id if node2 else "-"
-    _say(out, f"{cluster.address} {head.node_id} {node2_id}")
+    _say(out, f"{cluster.address} {head.node_id} {node2_id} {root}")
     gcs_killed = False
     try:
         for line in sys.stdin:
@@ -145,7 +154,7 @@ def _serve(out: IO[str], single: bool) -> None:
                 _say(out, "killed")
     finally:
         _shutdown(cluster, gcs_killed)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _say(out: IO[str], text: str) -> None:

@@ -40,7 +40,8 @@ def test_fanout_one_child_per_file_under_one_parent(velda: Velda, example: Path)
     assert sorted(c["name"] for c in children) == [f"data/part-{i:02d}.csv" for i in range(6)]
     assert all(c["status"] == "SUCCESS" and c["pool"] == "cpu-1" for c in children)
     assert parent["children"] == {
-        "total": 6, "succeeded": 6, "failed": 0, "running": 0, "queued": 0
+        "total": 6, "succeeded": 6, "failed": 0, "cancelled": 0, "skipped": 0, "running": 0,
+        "queued": 0
     }
     assert parse_time(parent["resolved_at"]) >= max(
         parse_time(c["resolved_at"]) for c in children

@@ -35,13 +35,24 @@ def test_a_big_task_reserves_so_small_ones_cannot_starve_it() -> None:
     assert started([req(1, cpus=2), req(2, cpus=1)], cap(3)) == [1, 2]
 
 
-def test_descendants_borrow_from_a_blocked_ancestor() -> None:
-    capacity = cap(0, lendable={10: 2.0})
-    queue = [req(1, ancestors=(10,)), req(2, ancestors=(11, 10)), req(3, ancestors=(10,))]
-    placements = schedule(queue, capacity)
-    assert [(p.task_id, p.allocation.lender) for p in placements] == [(1, 10), (2, 10)]
-    # strangers cannot borrow
-    assert started([req(4, ancestors=(99,))], cap(0, lendable={10: 2.0})) == []
+def test_oversubscribed_free_starts_nothing_until_positive() -> None:
+    # a blocked task took its CPUs back while others ran on them: free is below zero
+    assert started([req(1), req(2, cpus=0.5)], cap(-1)) == []
+    assert started([req(1), req(2)], cap(1)) == [1]
+
+
+def test_a_task_that_does_not_fit_is_named_as_reserving() -> None:
+    reserving: list[int] = []
+    placements = schedule([req(1, cpus=2), req(2, cpus=1)], cap(1), reserving)
+    assert placements == [] and reserving == [1]
+    # nothing free: nothing held back, nobody named
+    reserving = []
+    assert schedule([req(1, cpus=2)], cap(0), reserving) == [] and reserving == []
+
+
+def test_gpus_stay_distinct_when_cpus_are_plenty() -> None:
+    placements = schedule([req(1, gpus=1), req(2, gpus=1)], cap(8, 1))
+    assert [(p.task_id, p.allocation.gpu_ids) for p in placements] == [(1, (0,))]
 
 
 def test_gang_starts_all_or_nothing() -> None:

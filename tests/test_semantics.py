@@ -37,7 +37,8 @@ def test_parent_fails_when_a_child_fails(velda: Velda) -> None:
     assert task["status"] == "FAILURE"
     assert task["exit_code"] == 0
     assert task["children"] == {
-        "total": 3, "succeeded": 2, "failed": 1, "running": 0, "queued": 0
+        "total": 3, "succeeded": 2, "failed": 1, "cancelled": 0, "skipped": 0, "running": 0,
+        "queued": 0
     }
 
 

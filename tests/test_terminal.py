@@ -8,7 +8,7 @@ import select
 import time
 from pathlib import Path
 
-from velda_cli import Velda
+from velda_cli import Velda, default_signals
 
 
 class Terminal:
@@ -17,6 +17,7 @@ class Terminal:
     def __init__(self, velda: Velda, *argv: str) -> None:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:
+            default_signals()  # however the suite was started
             os.chdir(velda.cwd)
             os.execvpe(argv[0], list(argv), velda.env)
         self.screen = b""
@@ -50,6 +51,7 @@ class Terminal:
         while time.monotonic() < deadline:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
+                self._drain()  # what it wrote just before it ended
                 os.close(self.fd)
                 return os.waitstatus_to_exitcode(status)
             self._drain()

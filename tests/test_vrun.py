@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from velda_cli import Velda
+from velda_cli import Velda, default_signals
 
 
 @pytest.mark.parametrize(
@@ -64,7 +64,7 @@ def test_bad_usage_exits_2_with_one_line(velda: Velda) -> None:
 
 
 def test_unreachable_server_exits_1(velda: Velda) -> None:
-    nowhere = {"VELDA_SERVER": "http://127.0.0.1:9", "VELDA_TOKEN": "x"}
+    nowhere = {"VELDA_SERVER": "http://127.0.0.1:9", "VELDA_TOKEN": "x", "VELDA_RETRY_S": "0"}
     result = velda.run("vrun", "true", env=nowhere)
     assert result.returncode == 1
     assert result.stderr.startswith("vrun: cannot reach the velda server at http://127.0.0.1:9")
@@ -89,7 +89,7 @@ def test_vrun_streams_output_while_the_task_runs(velda: Velda, tmp_path: Path) -
 def _start_vrun(velda: Velda, script: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         ["vrun", "--name", "interrupted", "sh", "-c", script], env=velda.env, cwd=velda.cwd,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals,
     )
     assert proc.stdout is not None
     assert proc.stdout.readline() == "ready\n"

@@ -180,7 +180,7 @@ def test_a_running_task_logs_live_and_is_cancelled_from_its_page(
 
     page.click("#retry")
     expect(page.locator("#task-error")).to_be_hidden()
-    expect(page.locator("#timing")).to_contain_text("Attempt2 of 1")
+    expect(page.locator("#timing")).to_contain_text("Attempt2 (retried by hand)")
     expect(badge(page)).to_have_attribute("data-status", "RUNNING")
     expect(page.locator("#attempt")).to_be_visible()
     accept_next_dialog(page)

@@ -135,3 +135,14 @@ def wait_gone(pid: int, timeout: float = 10) -> None:
     while alive(pid):
         assert time.monotonic() < deadline, f"process {pid} still alive after {timeout:g} s"
         time.sleep(0.02)
+
+
+def default_signals() -> None:
+    """In a child before exec: every signal at its default action and none blocked, as in a
+    command typed at a terminal. A suite started in the background (`scripts/test.sh &` from a
+    script) has SIGINT and SIGQUIT ignored, and an exec keeps what is ignored, so a command
+    started without this would never see the Ctrl-C a test sends it."""
+    for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP,
+                   signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGPIPE):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())

@@ -1,4 +1,4 @@
-"""Where velda keeps its state, and the pools read from velda.toml when the server starts."""
+"""Where velda keeps its state, and the pools read from velda.toml (at start and on change)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from velda.models import Pool, Resources
 
 DEFAULT_POOL = "shell"
 _BUILTIN = re.compile(r"^(cpu|gpu)-([1-9][0-9]{0,3})$")
+MAX_REQUEST_BYTES = 10 * 1024 * 1024
 _POOL_KEYS = {"engine", "cpus", "gpus", "memory", "resources", "capacity"}
 
 
@@ -28,6 +29,15 @@ def config_path(home: Path) -> Path | None:
     return candidate if candidate.exists() else None
 
 
+def config_file(home: Path, given: Path | None = None) -> Path:
+    """The file a server reads, whether it exists yet or not: --config, else VELDA_CONFIG,
+    else $VELDA_HOME/velda.toml."""
+    if given is not None:
+        return given
+    explicit = os.environ.get("VELDA_CONFIG")
+    return Path(explicit) if explicit else home / "velda.toml"
+
+
 @dataclass
 class Config:
     default_pool: str = DEFAULT_POOL
@@ -35,6 +45,8 @@ class Config:
     local_cpus: float | None = None  # machine capacity override
     local_gpus: int | None = None
     server_url: str | None = None  # how nodes of remote engines reach the server
+    allowed_hosts: list[str] = field(default_factory=list)  # public names of a team server
+    max_request_bytes: int = MAX_REQUEST_BYTES  # larger request bodies are refused (413)
     source: Path | None = None
 
     def pool(self, name: str) -> Pool | None:
@@ -77,6 +89,9 @@ def load_config(path: Path | None) -> Config:
     config.local_gpus = None if gpus is None else int(gpus)
     server = _table(data, "server", path)
     config.server_url = server.get("url") if isinstance(server.get("url"), str) else None
+    config.allowed_hosts = _names(server, "allowed_hosts", path)
+    body_limit = _number(server, "max_request_bytes", path, "server")
+    config.max_request_bytes = MAX_REQUEST_BYTES if body_limit is None else int(body_limit)
     for name, table in _table(data, "pools", path).items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [pools.{name}] must be a table")
@@ -89,6 +104,40 @@ def _table(data: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: '{key}' must be a table")
     return value
+
+
+def _names(table: dict[str, Any], key: str, path: Path) -> list[str]:
+    value = table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{path}: [server] {key} must be a list of host names")
+    return value
+
+
+def _run_as(name: str, engine: str, table: dict[str, Any], path: Path) -> None:
+    """`user = "NAME"`: the pool's tasks run as that Unix user. Only root can switch users,
+    and only the local engine runs tasks on this machine."""
+    user = table.get("user")
+    if user is None:
+        return
+    where = f"{path}: [pools.{name}] user"
+    if not isinstance(user, str) or not user:
+        raise ConfigError(f"{where} must be a user name")
+    if engine != "local":
+        raise ConfigError(f"{where}: only local pools can run tasks as another user")
+    if os.geteuid() != 0:
+        raise ConfigError(
+            f"{where} = {user!r}: running tasks as another user needs the server to run as "
+            f"root (it runs as uid {os.geteuid()})"
+        )
+    import pwd
+    import shutil
+
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"{where} = {user!r}: no such user on this machine") from None
+    if shutil.which("setpriv") is None:
+        raise ConfigError(f"{where} = {user!r}: needs setpriv (util-linux) on the PATH")
 
 
 def _number(table: dict[str, Any], key: str, path: Path, where: str) -> float | None:
@@ -105,6 +154,7 @@ def _pool(name: str, table: dict[str, Any], path: Path) -> Pool:
     if not isinstance(engine, str):
         raise ConfigError(f"{path}: [pools.{name}] engine must be a string")
     where = f"pools.{name}"
+    _run_as(name, engine, table, path)
     cpus = _number(table, "cpus", path, where)
     gpus = _number(table, "gpus", path, where)
     memory = _number(table, "memory", path, where)

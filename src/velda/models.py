@@ -108,6 +108,7 @@ class Exit:
     exit_code: int | None
     signal: int | None = None
     reason: Reason | None = None  # None: it succeeded
+    detail: str | None = None  # one line on why, where the exit code does not say it
 
     @property
     def succeeded(self) -> bool:
@@ -132,12 +133,11 @@ class Dependency:
 
 @dataclass
 class Allocation:
-    """What a running task holds on the local engine; `lender` is the blocked ancestor it
-    borrowed from, if any."""
+    """What a running task holds on the local engine. While the task waits for a task in its
+    subtree (a `vrun` inside it), its CPUs count as free; its GPUs stay held."""
 
     cpus: float = 0.0
     gpu_ids: tuple[int, ...] = ()
-    lender: int | None = None
 
 
 @dataclass
@@ -172,6 +172,7 @@ class Task:
     handle: dict[str, object] | None = None
     alloc: Allocation | None = None
     cancel_requested: bool = False
+    reason_detail: str | None = None  # one line on why the attempt ended as it did, if known
 
     @property
     def has_command(self) -> bool:
@@ -187,9 +188,15 @@ class Task:
 
 @dataclass
 class Children:
+    """A parent's children by state. SKIPPED and CANCELLED are kept apart from `failed`
+    (FAILURE and FAILED_UPSTREAM): a skipped child still counts as fine for the parent's
+    outcome (SPEC §4.3), a cancelled one does not."""
+
     total: int = 0
     succeeded: int = 0
     failed: int = 0
+    cancelled: int = 0
+    skipped: int = 0
     running: int = 0
     queued: int = 0
 
@@ -199,8 +206,12 @@ class Children:
 
     def count(self, status: TaskStatus, n: int = 1) -> None:
         self.total += n
-        if status in (TaskStatus.SUCCESS, TaskStatus.SKIPPED):
+        if status == TaskStatus.SUCCESS:
             self.succeeded += n
+        elif status == TaskStatus.SKIPPED:
+            self.skipped += n
+        elif status == TaskStatus.CANCELLED:
+            self.cancelled += n
         elif status.is_final():
             self.failed += n
         elif status.is_active():

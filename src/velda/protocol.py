@@ -5,13 +5,16 @@ Imports nothing of either side, so the CLI can use it without paying for the ser
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 MAX_NAME = 200
-MAX_SHARDS = 100_000
+MAX_SHARDS = 10_000
+MAX_TIMEOUT_S = 30 * 86400
+MAX_ID = 2**63 - 1  # SQLite's INTEGER: IDs, offsets and tokens fit in 63 bits
 
 
 class BadRequest(ValueError):
@@ -28,14 +31,62 @@ def parse_duration(value: object, field: str = "timeout") -> float | None:
     if value is None or value == "":
         return None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
+        seconds = _seconds(value, 1)
     elif isinstance(value, str) and (m := _DURATION.match(value)):
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+        seconds = _seconds(m.group(1), _UNITS[m.group(2)])
     else:
-        raise BadRequest(f"{field}: {value!r} is not a duration like 90s, 30m or 2h", field)
-    if seconds <= 0:
-        raise BadRequest(f"{field}: must be more than 0", field)
+        shown = value[:40] if isinstance(value, str) else type(value).__name__
+        raise BadRequest(f"{field}: {shown!r} is not a duration like 90s, 30m or 2h", field)
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise BadRequest(f"{field}: must be more than 0 and at most 30 days", field)
     return seconds
+
+
+def _seconds(number: object, unit: float) -> float:
+    """A finite number of seconds, or NaN (refused by the caller) when it overflows."""
+    try:
+        seconds = float(number) * unit  # type: ignore[arg-type]
+    except (OverflowError, ValueError):
+        return math.nan
+    return seconds if math.isfinite(seconds) else math.nan
+
+
+def check_text(value: str, field: str, nul: bool = False) -> str:
+    """Text the store and the OS can take: valid UTF-8 (no lone surrogates), and no NUL
+    where it ends up in argv, the environment or a path."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{field}: not valid UTF-8 (a lone surrogate)", field) from None
+    if not nul and "\0" in value:
+        raise BadRequest(f"{field}: must not contain NUL characters", field)
+    return value
+
+
+def check_id(value: int, field: str) -> int:
+    if not 0 <= value <= MAX_ID:
+        raise BadRequest(f"{field}: must be from 0 to {MAX_ID}", field)
+    return value
+
+
+def parse_int(text: str | None, field: str, low: int = 0, high: int = MAX_ID) -> int | None:
+    """A query or path integer: ASCII digits only (int() also takes '٣'), within bounds."""
+    if text is None or text == "":
+        return None
+    digits = text[1:] if text[:1] == "-" else text
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 19:
+        raise BadRequest(f"{field}: {text[:40]!r} is not an integer from {low} to {high}", field)
+    value = int(text)
+    if not low <= value <= high:
+        raise BadRequest(f"{field}: must be from {low} to {high}", field)
+    return value
+
+
+def env_key(key: str) -> str:
+    """A name the OS takes as an environment variable: not empty, no '=', no NUL."""
+    if not key or "=" in key or "\0" in key:
+        raise BadRequest(f"env: {key!r} is not a valid variable name", "env")
+    return check_text(key, "env")
 
 
 def check_name(name: object) -> str | None:
@@ -43,14 +94,14 @@ def check_name(name: object) -> str | None:
         return None
     if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME or not name.isprintable():
         raise BadRequest("name: must be 1-200 printable characters", "name")
-    return name
+    return check_text(name, "name")
 
 
 def parse_label(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise BadRequest(f"label: {text!r} is not KEY=VALUE", "labels")
-    return key, value
+        raise BadRequest(f"label: {text[:80]!r} is not KEY=VALUE", "labels")
+    return check_text(key, "labels"), check_text(value, "labels")
 
 
 @dataclass
@@ -111,9 +162,7 @@ class SubmitRequest:
 def _str_list(value: object, name: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise BadRequest(f"{name}: must be a list of strings", name)
-    if any("\0" in v for v in value):
-        raise BadRequest(f"{name}: must not contain NUL characters", name)
-    return list(value)
+    return [check_text(v, name) for v in value]
 
 
 def _str_dict(value: object, name: str) -> dict[str, str]:
@@ -121,15 +170,20 @@ def _str_dict(value: object, name: str) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
         raise BadRequest(f"{name}: must be an object of strings", name)
-    if any("\0" in k or "\0" in v or "=" in k for k, v in value.items()):
-        raise BadRequest(f"{name}: keys and values must not contain NUL or '=' in keys", name)
+    for k, v in value.items():
+        if name == "env":
+            env_key(k)
+        elif not k or "=" in k:
+            raise BadRequest(f"{name}: {k!r} is not a valid key", name)
+        check_text(k, name)
+        check_text(v, name)
     return dict(value)
 
 
 def _opt_str(value: object, name: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise BadRequest(f"{name}: must be a string", name)
-    return value
+    return None if value is None else check_text(value, name)
 
 
 def _int(value: object, name: str, low: int, high: int) -> int:

@@ -11,7 +11,7 @@ import socket
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import BinaryIO
+    from typing import Any, BinaryIO
 
 
 class Response:
@@ -47,6 +47,13 @@ class Response:
             out += data
             self._left -= len(data)
         return bytes(out)
+
+    def read_some(self, size: int = 1 << 16) -> bytes:
+        """What has arrived (at least a byte), without waiting for more; b"" at the end."""
+        if self._chunked:
+            return self.read(self._left) if self._next_chunk() else b""
+        reader: Any = self.body  # a BufferedReader, whose read1 does exactly that
+        return reader.read1(size)  # type: ignore[no-any-return]
 
     def readline(self) -> bytes:
         if not self._chunked:
@@ -89,7 +96,8 @@ def request(
     address = (host.encode("ascii"), port)
     sock = socket.create_connection(address, timeout=10 if timeout is None else timeout)  # type: ignore[arg-type]
     try:
-        head = [f"{method} {path} HTTP/1.0", f"Host: {host}:{port}"]
+        name = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets
+        head = [f"{method} {path} HTTP/1.0", f"Host: {name}:{port}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
         if body is not None:
             head.append(f"Content-Length: {len(body)}")

@@ -38,8 +38,8 @@ def run_command(body: Callable[[], int]) -> int:
         return 0
 
 
-def connect() -> Client:
-    return Client()
+def connect(quiet: bool = False) -> Client:
+    return Client(quiet=quiet)
 
 
 def exit_code_of(task: dict[str, Any]) -> int:
@@ -55,6 +55,27 @@ def exit_code_of(task: dict[str, Any]) -> int:
     return code if code else EXIT_ERROR
 
 
+def how_it_ended(task: dict[str, Any]) -> str | None:
+    """An end that the task's own output does not tell, in words: `timed out after 1s`,
+    `cancelled`, `lost: ...`; None for an end by the command's own exit or signal."""
+    reason = task.get("reason")
+    if reason == "timeout":
+        return f"timed out after {span(float(task.get('timeout_s') or 0))}"
+    if reason == "cancelled" or (task["status"] == "CANCELLED" and task.get("started_at")):
+        return "cancelled"
+    if reason == "lost":
+        return "lost: its process or node went away before it reported an exit status"
+    return None
+
+
+def span(seconds: float) -> str:
+    """90 -> `90s`, 1800 -> `30m`, 7200 -> `2h`: as --timeout takes them."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
 def help_formatter(prog: str) -> argparse.HelpFormatter:
     """argparse's formatter, given the width itself: left to find it, argparse imports shutil
     on every run (it builds a formatter for each add_argument), a cost paid by each vbatch."""
@@ -63,6 +84,26 @@ def help_formatter(prog: str) -> argparse.HelpFormatter:
     except OSError:
         width = 78
     return argparse.RawDescriptionHelpFormatter(prog, width=max(width, 40))
+
+
+def show_notice(quiet: bool, prog: str, task: dict[str, Any]) -> None:
+    """A pool's capacity notice, once per pool per session of the terminal (a marker file
+    per pool and session id), and never from inside a task, whose stderr is its log."""
+    text = task.get("notice")
+    if not text or quiet or os.environ.get("VELDA_TASK_ID"):
+        return
+    from velda.paths import velda_home
+
+    folder = os.path.join(velda_home(), "notices")
+    mark = os.path.join(folder, f"{str(task['pool']).replace('/', '_')}.{os.getsid(0)}")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return
+    except OSError:
+        pass  # cannot remember it: say it again rather than never
+    print(f"{prog}: notice: {text}", file=sys.stderr, flush=True)
 
 
 def say(quiet: bool, message: str) -> None:

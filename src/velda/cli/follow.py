@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
-from velda.cli.common import exit_code_of
+from velda.cli.common import exit_code_of, how_it_ended
 from velda.client import Client, VeldaError
 
 TYPE_CHECKING = False  # typing is not imported at run time: it slows every vbatch
@@ -31,8 +32,15 @@ class Follower(threading.Thread):
         self.streams, self.attempt = streams, attempt
         self.final: dict[str, Any] | None = None
         self.error: VeldaError | None = None
+        self.last: dict[str, Any] | None = None  # the task as the last status frame had it
+        # where the output stands: the attempt, and the stdout and stderr bytes had of it
+        self.position = (attempt or 1, 0, 0)
+        self.heard = time.monotonic()  # when the server last sent anything
         # Thread.join() interrupted by Ctrl-C can leave is_alive() wrong; an Event cannot.
         self.done = threading.Event()
+        # Held while a question waits for its answer: the output stops here, unread (the
+        # server keeps it), and follows once it is released, nothing lost or held in memory.
+        self.output_lock = threading.Lock()
 
     def run(self) -> None:
         try:
@@ -41,25 +49,53 @@ class Follower(threading.Thread):
             self.done.set()
 
     def _follow(self) -> None:
-        outputs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
-        last: dict[str, Any] | None = None
-        try:
-            for kind, value in self.client.output(self.task_id, True, self.attempt):
-                if kind == "task":
-                    last = value
-                    if self.on_status:
-                        self.on_status(value)
-                elif kind in self.streams:
-                    outputs[kind].write(value)
-                    outputs[kind].flush()
-        except VeldaError as e:
-            self.error = e
-        except OSError as e:
-            self.error = VeldaError(f"lost the connection to the server: {e}")
-        if self.error is None and last is not None and last["status"] in _FINAL:
-            self.final = last
-        elif self.error is None:
+        """Read the output to its end; a stream broken by a restart of the server is opened
+        again where it stopped, for as long as the client retries (VELDA_RETRY_S)."""
+        problem: OSError | None = None
+        while True:
+            try:
+                if self._read_stream():
+                    break
+            except VeldaError as e:
+                self.error = e
+                return
+            except OSError as e:
+                problem = e
+            if time.monotonic() - self.heard > self.client.retry_s:
+                self.error = VeldaError(f"lost the connection to the server: {problem}")
+                return
+            time.sleep(0.1)
+        if self.last is not None and self.last["status"] in _FINAL:
+            self.final = self.last
+        else:
             self.error = VeldaError("the server closed the stream before the task ended")
+
+    def _read_stream(self) -> bool:
+        """Follow the output from `position`; True at its end, False if it broke first."""
+        outputs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+        for kind, value in self.client.output(self.task_id, True, self.attempt, self.position):
+            self.heard = time.monotonic()
+            if kind == "end":
+                return True
+            if kind == "attempt":
+                self.position = (value, 0, 0)
+            elif kind == "task":
+                if self.on_status and value != self.last:
+                    with self.output_lock:  # a status line waits for a question too
+                        self.on_status(value)
+                self.last = value
+            else:
+                self._count(kind, len(value))
+                if kind in self.streams:
+                    with self.output_lock:
+                        outputs[kind].write(value)
+                        outputs[kind].flush()
+        return False
+
+    def _count(self, stream: str, n: int) -> None:
+        attempt, stdout, stderr = self.position
+        self.position = (attempt, stdout + n, stderr) if stream == "stdout" else (
+            attempt, stdout, stderr + n)
 
 
 _FINAL = {"SUCCESS", "FAILURE", "FAILED_UPSTREAM", "SKIPPED", "CANCELLED"}
@@ -83,6 +119,17 @@ def wait_for(follower: Follower, on_interrupt: Callable[[int], bool]) -> int:
     return exit_code_of(follower.final)
 
 
+def _detail(task: dict[str, Any]) -> str:
+    """` (timed out after 1s)`, ` (exit, exit 9)`: why a final task ended, if not by success."""
+    if task["status"] not in _FINAL or not task.get("reason"):
+        return ""
+    ended = how_it_ended(task)
+    if ended:
+        return f" ({ended})"
+    code = task.get("exit_code")
+    return f" ({task['reason']}" + (f", exit {code}" if code else "") + ")"
+
+
 class StatusPrinter:
     """Prints `task 12: QUEUED -> RUNNING` lines on stderr as the status changes."""
 
@@ -97,11 +144,7 @@ class StatusPrinter:
         if task["status"] in _FINAL and task.get("started_at") and never_seen_running:
             self._say(task, "RUNNING")  # it ran, if too quickly for us to see it running
         self.status = task["status"]
-        detail = ""
-        if task["status"] in _FINAL and task.get("reason"):
-            code = task.get("exit_code")
-            detail = f" ({task['reason']}" + (f", exit {code}" if code else "") + ")"
-        self._say(task, f"{self.status}{detail}")
+        self._say(task, f"{self.status}{_detail(task)}")
 
     @staticmethod
     def _say(task: dict[str, Any], what: str) -> None:

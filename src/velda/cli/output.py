@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
+from velda.client import VeldaError
+
 TYPE_CHECKING = False  # typing is not imported at run time: it slows every command
 if TYPE_CHECKING:
     from typing import Any
@@ -12,10 +14,30 @@ if TYPE_CHECKING:
 TABLE = ["id", "name", "status", "pool", "children", "created", "duration"]
 WIDE = TABLE + ["attempt", "exit_code", "reason", "parent_id", "labels", "command"]
 FORMATS = ("table", "wide", "json", "yaml")
+# The fields of a task's JSON (SPEC §3.2) and the ones computed from them, for -o a,b,c
+TASK_FIELDS = (
+    "id", "name", "status", "pool", "command", "cwd", "parent_id", "labels", "priority",
+    "attempt", "retries", "timeout_s", "exit_code", "signal", "reason", "reason_detail",
+    "created_at", "started_at", "finished_at", "resolved_at", "depends_on", "children",
+    "shard_id", "total_shards", "gang", "waiting_for", "created", "duration",
+)
 
 
-def render(data: Any, fmt: str, columns: list[str], header: bool = True) -> str:
-    """`data` is one row (dict) or a list of rows. json/yaml print it as it is."""
+class UnknownField(VeldaError):
+    """-o names a field that does not exist: a usage error (exit 2), like a 4xx."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 400, "output")
+# what a cell counts, where the name alone does not say: a parent's direct children
+HEADERS = {"children": "CHILDREN(OK/FAILED/ALL)"}
+
+
+def render(
+    data: Any, fmt: str, columns: list[str], header: bool = True,
+    fields: tuple[str, ...] = TASK_FIELDS,
+) -> str:
+    """`data` is one row (dict) or a list of rows. json/yaml print it as it is. `fields`: what
+    `fmt` may name besides `columns` and the rows' own keys."""
     if fmt == "json":
         return json.dumps(data, indent=2)
     if fmt == "yaml":
@@ -24,14 +46,25 @@ def render(data: Any, fmt: str, columns: list[str], header: bool = True) -> str:
     if fmt == "wide":
         columns = WIDE
     elif fmt != "table":
+        known = [*columns, *fields, *(k for row in rows for k in row)]
         columns = [c.strip() for c in fmt.split(",") if c.strip()]
+        _check_fields(columns, dict.fromkeys(known))
     return table(rows, columns, header)
+
+
+def _check_fields(columns: list[str], known: dict[str, None]) -> None:
+    unknown = [c for c in columns if c not in known]
+    if unknown:
+        raise UnknownField(
+            f"-o: no field '{unknown[0]}'; use table, wide, json, yaml, or fields from: "
+            + ",".join(known)
+        )
 
 
 def table(rows: list[dict[str, Any]], columns: list[str], header: bool = True) -> str:
     cells = [[cell(row, c) for c in columns] for row in rows]
     if header:
-        cells.insert(0, [c.upper() for c in columns])
+        cells.insert(0, [HEADERS.get(c, c.upper()) for c in columns])
     if not cells:
         return ""
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]

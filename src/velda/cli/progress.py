@@ -9,21 +9,28 @@ BAR_WIDTH = 30
 
 
 def summary(counts: dict[str, int]) -> str:
-    done = counts["succeeded"] + counts["failed"]
-    return (
-        f"{done}/{counts['total']} done: {counts['succeeded']} succeeded, "
-        f"{counts['failed']} failed, {counts['running']} running, {counts['queued']} queued"
-    )
+    """`4/5 done: 2 succeeded, 1 failed, 1 cancelled, 1 running, 0 queued`; cancelled and
+    skipped are named only when there are some."""
+    ended = [("succeeded", counts["succeeded"]), ("failed", counts["failed"])]
+    ended += [(k, counts.get(k, 0)) for k in ("cancelled", "skipped") if counts.get(k)]
+    done = sum(n for _, n in ended)
+    parts = [f"{n} {what}" for what, n in ended]
+    parts += [f"{counts['running']} running", f"{counts['queued']} queued"]
+    return f"{done}/{counts['total']} done: " + ", ".join(parts)
+
+
+# one mark per state, in this order: succeeded, skipped, failed, cancelled, running
+_MARKS = (("succeeded", "#"), ("skipped", "~"), ("failed", "x"), ("cancelled", "-"),
+          ("running", ">"))
 
 
 def bar(counts: dict[str, int], width: int = BAR_WIDTH) -> str:
     total = max(counts["total"], 1)
-    ok = round(width * counts["succeeded"] / total)
-    bad = round(width * counts["failed"] / total)
-    run = round(width * counts["running"] / total)
-    ok, bad = min(ok, width), min(bad, width - min(ok, width))
-    run = min(run, width - ok - bad)
-    return "[" + "#" * ok + "x" * bad + ">" * run + "." * (width - ok - bad - run) + "]"
+    out, left = "", width
+    for key, mark in _MARKS:
+        n = min(round(width * counts.get(key, 0) / total), left)
+        out, left = out + mark * n, left - n
+    return "[" + out + "." * left + "]"
 
 
 class ProgressView:

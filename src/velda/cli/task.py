@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 EXAMPLES = {
     "log": "velda task log train            # stored stdout and stderr\n"
-           "  velda task log 42 -f --stderr    # follow stderr until it ends",
+           "  velda task log 42 -f --stderr    # follow stderr until it ends\n"
+           "  velda task log 42 --combined     # both, in the order they were written",
     "get": "velda task get train -o json",
     "list": "velda task list                 # top-level tasks, newest first\n"
             "  velda task list pipeline --status FAILURE   # children of 'pipeline'",
@@ -27,11 +28,34 @@ EXAMPLES = {
 }
 
 
+TASK_EPILOG = """examples:
+  velda task list                     top-level tasks, newest first
+  velda task get train                one task; -o json for every field
+  velda task log train -f             follow its stdout and stderr until it ends
+  velda task watch pipeline           progress of a fan-out until it ends
+  velda task cancel pipeline          cancel it and everything under it
+  velda task retry pipeline           re-run only what failed
+
+CHILDREN(OK/FAILED/ALL) in tables counts a task's own children (not theirs): OK succeeded,
+FAILED failed or could not run because what they waited for failed, ALL is every child, so
+the rest were cancelled, skipped, or still run or wait (-o json has each count).
+"""
+
+
 def add_parsers(sub: Any) -> None:
-    task = sub.add_parser("task", help="inspect and control tasks")
+    task = sub.add_parser(
+        "task", help="inspect and control tasks",
+        description="Inspect and control tasks. A REF is a task ID, a name (the newest of\n"
+                    "that name among the caller's siblings) or a path like pipeline/train.",
+        epilog=TASK_EPILOG, formatter_class=help_formatter,
+    )
     verbs = task.add_subparsers(dest="verb", required=True, metavar="VERB")
     _log_parser(verbs)
-    _output_options(_verb(verbs, "get", "show one task")).add_argument("ref", metavar="REF")
+    get = _output_options(_verb(verbs, "get", "show one task"))
+    get.add_argument("ref", metavar="REF")
+    get.add_argument("--show-env", action="store_true",
+                     help="environment values unmasked (secret-looking ones are masked); "
+                          "needs the server token, not a task's")
     lst = _output_options(_verb(verbs, "list", "list top-level tasks, or PARENT's children"))
     lst.add_argument("parent", nargs="?", metavar="PARENT")
     _paging_options(lst)
@@ -57,7 +81,12 @@ def _log_parser(verbs: Any) -> None:
     p.add_argument("ref", metavar="REF")
     p.add_argument("-f", "--follow", action="store_true", help="follow until the task ends")
     p.add_argument("--stdout", action="store_true", help="only stdout")
-    p.add_argument("--stderr", action="store_true", help="only stderr")
+    p.add_argument("--stderr", action="store_true",
+                   help="only stderr, written to stderr: to pipe it, add 2>&1 "
+                        "(velda task log 42 --stderr 2>&1 | tail)")
+    p.add_argument("--combined", action="store_true",
+                   help="stdout and stderr as one stream, in the order they were written, "
+                        "all on stdout")
     p.add_argument("--tail", type=int, metavar="N", help="only the last N lines of each")
     p.add_argument("--attempt", type=int, metavar="K", help="attempt K (default: latest)")
 
@@ -101,7 +130,15 @@ def _print(data: Any, args: argparse.Namespace) -> None:
 
 
 def _get(client: Client, args: argparse.Namespace) -> int:
-    _print(client.get(args.ref), args)
+    task = client.get(args.ref)
+    if args.show_env:
+        task = client.call("GET", f"/api/v1/tasks/{task['id']}?show_env=1")
+    _print(task, args)
+    if task.get("reason_detail") and args.output in ("table", "wide"):
+        print(f"{task['reason']}: {task['reason_detail']}")
+    waiting = task.get("waiting_for")
+    if waiting and args.output in ("table", "wide"):
+        print(f"waiting: {waiting['message']}")
     return 0
 
 
@@ -136,13 +173,14 @@ def _pages(client: Client, args: argparse.Namespace, query: dict[str, Any]) -> i
 
 def _log(client: Client, args: argparse.Namespace) -> int:
     task = client.get(args.ref)
+    if getattr(args, "combined", False):
+        return _log_combined(client, task["id"], args)
     streams = _chosen_streams(args)
     if args.follow:
         from velda.cli.follow import Follower, wait_for
 
         follower = Follower(client, task["id"], None, streams, args.attempt)
-        wait_for(follower, lambda n: True)
-        return 0
+        return wait_for(follower, lambda n: True)  # the task's exit code, as vrun's
     for stream in streams:
         data = client.logs(task["id"], stream, args.attempt)
         if args.tail is not None:
@@ -150,6 +188,19 @@ def _log(client: Client, args: argparse.Namespace) -> int:
         out = sys.stdout if stream == "stdout" else sys.stderr
         out.buffer.write(data)
         out.flush()
+    return 0
+
+
+def _log_combined(client: Client, task_id: str, args: argparse.Namespace) -> int:
+    chunks = client.log_chunks(task_id, "combined", args.attempt, follow=args.follow)
+    out = sys.stdout.buffer
+    if args.tail is not None:
+        out.write(_tail(b"".join(chunks), args.tail))
+    else:
+        for data in chunks:
+            out.write(data)
+            out.flush()
+    out.flush()
     return 0
 
 
@@ -169,25 +220,54 @@ def _tail(data: bytes, n: int) -> bytes:
 
 
 def _watch(client: Client, args: argparse.Namespace) -> int:
+    """Follows the task's event stream: from inside a task, watching a child is waiting for
+    it, and the server counts the stream as such."""
     from velda.cli.follow import StatusPrinter
     from velda.cli.progress import ProgressView
 
-    task = client.get(args.ref)
+    task_id = client.get(args.ref)["id"]
     view = ProgressView(sys.stdout)
-    printer = StatusPrinter(quiet=False)
+    printer, waiting = StatusPrinter(quiet=False), _WaitingPrinter()
     while True:
-        task = client.call("GET", f"/api/v1/tasks/{task['id']}?subtree=1")
-        printer(task)
-        if task.get("subtree", {}).get("total"):
-            view.show(task)
-        if task["status"] in ("SUCCESS", "FAILURE", "FAILED_UPSTREAM", "SKIPPED", "CANCELLED"):
-            view.close()
-            return exit_code_of(task)
-        time.sleep(0.5)
+        try:
+            for task in client.events(task_id, subtree=True):
+                final = task["status"] in _FINAL
+                if not final:
+                    printer(task)
+                    waiting(task)
+                if task.get("subtree", {}).get("total"):
+                    view.show(task)
+                if final:  # the last progress first, then how it ended: the final line last
+                    view.close()
+                    printer(task)
+                    return exit_code_of(task)
+        except OSError:
+            pass
+        time.sleep(0.5)  # the stream broke (the server restarted, say): follow it again
+
+
+_FINAL = ("SUCCESS", "FAILURE", "FAILED_UPSTREAM", "SKIPPED", "CANCELLED")
+
+
+class _WaitingPrinter:
+    """`task 12: waiting: needs 2 CPUs; ...` on stderr each time the reason changes."""
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+
+    def __call__(self, task: dict[str, Any]) -> None:
+        waiting = task.get("waiting_for")
+        message = waiting.get("message") if isinstance(waiting, dict) else None
+        if message and message != self.last:
+            print(f"task {task['id']}: waiting: {message}", file=sys.stderr, flush=True)
+        self.last = message
 
 
 def _cancel(client: Client, args: argparse.Namespace) -> int:
     task = client.cancel(client.get(args.ref)["id"])
+    if task.get("already_ended"):
+        print(f"task {task['id']} already ended {task['status']}")
+        return 0
     print(f"task {task['id']}: {task['status']}" + (
         " (cancelling)" if task["status"] not in ("CANCELLED",) else ""))
     return 0

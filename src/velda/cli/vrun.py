@@ -5,10 +5,10 @@ from __future__ import annotations
 import signal
 import sys
 
-from velda.cli.common import connect, run_command, say
+from velda.cli.common import connect, how_it_ended, run_command, say, show_notice
 from velda.cli.follow import Follower, StatusPrinter, wait_for
 from velda.cli.submit import EPILOG_VRUN, check_command, parser, request_of
-from velda.client import Client
+from velda.client import Client, VeldaError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,11 +20,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _vrun(request: dict[str, object], quiet: bool) -> int:
-    client = connect()
+    forwarder = _Forwarder()  # first: a signal while the server starts waits for the task
+    client = connect(quiet)
     task = client.submit(**request)
-    if task.get("notice"):
-        say(quiet, f"vrun: notice: {task['notice']}")
+    show_notice(quiet, "vrun", task)
     task_id = task["id"]
+    forwarder.found(client, task_id)
     printer = _EndPrinter(quiet)
     follower = Follower(client, task_id, printer)
     return wait_for(follower, lambda n: _interrupt(client, task_id, n, quiet))
@@ -43,12 +44,57 @@ def _interrupt(client: Client, task_id: str, count: int, quiet: bool) -> bool:
     return False
 
 
+# As srun does: these signals sent to vrun go to its task, and vrun follows the task to its
+# end and exits with its code. So `timeout 60 vrun ...` or `kill vrun` stops the task.
+FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class _Forwarder:
+    """Sends FORWARDED signals to the task; one that comes before the task exists waits for
+    it. A signal ignored when vrun started (`nohup vrun`) stays ignored, as SIGINT does."""
+
+    def __init__(self) -> None:
+        self.client: Client | None = None
+        self.task_id: str | None = None
+        self.early: list[int] = []
+        for signum in FORWARDED:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, self._received)
+
+    def found(self, client: Client, task_id: str) -> None:
+        self.client, self.task_id = client, task_id
+        for signum in self.early:
+            self._send(signum)
+
+    def _received(self, signum: int, frame: object) -> None:
+        if self.task_id is None:
+            self.early.append(signum)
+        else:
+            self._send(signum)
+
+    def _send(self, signum: int) -> None:
+        assert self.client is not None and self.task_id is not None
+        try:
+            self.client.signal(self.task_id, signum)
+        except VeldaError:  # not running (yet): a signal that would end it cancels it
+            if signum in (signal.SIGTERM, signal.SIGHUP):
+                self.client.cancel(self.task_id)
+
+
 class _EndPrinter(StatusPrinter):
-    """vrun stays silent, as if the command ran here, unless the task never ran."""
+    """vrun stays silent, as if the command ran here, unless the task never ran or ended by
+    something its output does not tell (a timeout, a cancel, a loss): then one line."""
 
     def __call__(self, task: dict[str, object]) -> None:
-        if task["status"] in ("FAILED_UPSTREAM", "SKIPPED") and not self.quiet:
+        if self.quiet or task["status"] == self.status:
+            return
+        self.status = str(task["status"])
+        if task["status"] in ("FAILED_UPSTREAM", "SKIPPED"):
             print(f"vrun: task {task['id']} ended {task['status']}", file=sys.stderr)
+        elif task["status"] in ("SUCCESS", "FAILURE", "CANCELLED"):
+            ended = how_it_ended(task)
+            if ended:
+                print(f"vrun: task {task['id']} {ended}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

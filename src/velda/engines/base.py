@@ -79,9 +79,9 @@ class Engine(Protocol):
         """After a server restart: find a running attempt again and watch it to its end."""
 
     async def lend_cpus(self, handle: Handle, on: bool) -> None:
-        """The attempt's command waits in a `vrun` (on) or stopped waiting (off): let its
-        descendants use its CPUs meanwhile. The local engine does nothing here, since velda's
-        scheduler lends local CPUs itself."""
+        """The attempt's command waits for a task of its subtree, in a `vrun` say (on), or
+        stopped waiting (off): let other work use its CPUs meanwhile. The local engine does
+        nothing here, since velda's scheduler counts a blocked task's CPUs as free itself."""
 
     async def close(self) -> None:
         """The server is stopping. Running work keeps running."""

@@ -21,21 +21,49 @@ from pathlib import Path
 
 from velda.engines.base import EngineError, EngineEvents, Handle, Launch, NotStartedError
 from velda.engines.pids import start_time
+from velda.engines.run_as import task_user
+from velda.logindex import INDEX
 from velda.models import Exit, Pool, Reason, Resources
 
 _WRAPPER = r"""
 d=$1
-cd "$2" 2>&3 || { echo 126 > "$d/status"; exit 126; }
+cd "$2" 2>/dev/null || {
+  echo "velda: cannot enter the working directory $2" >&3; echo 126 > "$d/status"; exit 126; }
 shift 2
 echo $$ > "$d/pid"
-trap : INT TERM HUP
-( exec "$@" 2>&3 3>&- )
-echo $? > "$d/status"
+echo '        ' > "$d/status"
+trap : INT TERM HUP QUIT USR1 USR2
+( exec 2>&3 3>&-
+  case $1 in
+  */*) if [ ! -e "$1" ]; then echo "velda: cannot run '$1': no such file" >&2; exit 127
+       elif [ ! -f "$1" ] || [ ! -x "$1" ]; then
+         echo "velda: permission denied: $1 is not executable" >&2; exit 126; fi ;;
+  *) command -v "$1" >/dev/null || {
+       echo "velda: cannot run '$1': command not found" >&2; exit 127; } ;;
+  esac
+  exec "$@" )
+s=$?
+echo $s 1<> "$d/status"
+exit $s
 """
 # fd 3 is the task's stderr; the wrapper's own stderr is /dev/null, so that the shell's note
 # about a child killed by a signal ("Killed") never lands in the task's stderr. The subshell
-# execs the command: one fork per task, as without it; the trap is reset in it.
+# execs the command: one fork per task, as without it; the trap is reset in it. Before the
+# exec it looks the command up with builtins only (no fork), so that a command that cannot
+# start says why in words a user can act on, with a shell's exit codes (127, 126), instead of
+# the shell's own "velda-task: 7: exec: ...: not found".
+# The status file is written blank at the start and overwritten in place (`1<>`) at the end,
+# so the exit status finds room on a disk that filled up meanwhile; the wrapper also exits
+# with it, for the server to read from waitpid when even that failed.
 _SH = shutil.which("sh") or "/bin/sh"
+# A task starts with every signal at its default action and none blocked, however the server
+# was started: a server started by a `vbatch &` in a script inherits SIGINT and SIGQUIT
+# ignored, and a non-interactive sh can neither trap nor reset a signal ignored on entry, so
+# without this no Ctrl-C through vrun would ever reach a task. The signals the wrapper traps
+# are those velda forwards to the command; it must outlive them to write the exit status.
+_DEFAULT_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP,
+                    signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE, signal.SIGTSTP,
+                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGALRM)
 
 
 def discover_gpus() -> int:
@@ -57,6 +85,13 @@ def discover_cpus() -> float:
     return float(len(os.sched_getaffinity(0)))
 
 
+def _machine(cpus: float | None, gpus: int | None) -> Resources:
+    return Resources(
+        cpus=discover_cpus() if cpus is None else cpus,
+        gpus=discover_gpus() if gpus is None else gpus,
+    )
+
+
 def exit_from_status(code: int) -> Exit:
     if 128 < code <= 128 + 64:
         return Exit.from_signal(code - 128)
@@ -64,8 +99,10 @@ def exit_from_status(code: int) -> Exit:
 
 
 def _read_int(path: Path) -> int | None:
+    # written by the task's side: a symlink or a FIFO there must not make the server read
+    # another file or block (a pool's task user owns these files)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
@@ -82,15 +119,19 @@ class LocalEngine:
 
     def __init__(self, events: EngineEvents, cpus: float | None, gpus: int | None) -> None:
         self.events = events
-        self._capacity = Resources(
-            cpus=discover_cpus() if cpus is None else cpus,
-            gpus=discover_gpus() if gpus is None else gpus,
-        )
+        self._override = (cpus, gpus)
+        self._capacity = _machine(cpus, gpus)
         # pidfd -> (task, attempt, pid if it is our child else -1, attempt dir)
         self._watched: dict[int, tuple[str, int, int, Path]] = {}
 
     def capacity(self) -> Resources:
         return self._capacity
+
+    def override(self, cpus: float | None, gpus: int | None) -> None:
+        """velda.toml's [local] changed: what it says, else what this machine has."""
+        if (cpus, gpus) != self._override:
+            self._override = (cpus, gpus)
+            self._capacity = _machine(cpus, gpus)
 
     async def check(self, pool: Pool) -> None:
         need = pool.resources
@@ -101,27 +142,49 @@ class LocalEngine:
             )
 
     async def start(self, launch: Launch) -> Handle:
+        if not os.path.isdir(launch.cwd):  # removed since the submit
+            raise EngineError(f"working directory {launch.cwd} does not exist")
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        argv = [_SH, "-c", _WRAPPER, "velda-task", str(launch.attempt_dir), launch.cwd]
+        argv, env = self._as_pool_user(launch, argv + launch.argv)
         try:
             pid = os.posix_spawn(
-                _SH,
-                [_SH, "-c", _WRAPPER, "velda-task", str(launch.attempt_dir), launch.cwd]
-                + launch.argv,
-                launch.env,
-                file_actions=[
+                argv[0],
+                argv,
+                env,
+                file_actions=[  # opened by the server, before any switch of user
                     (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 1, str(launch.stdout_path), flags, 0o644),
+                    (os.POSIX_SPAWN_OPEN, 1, str(launch.stdout_path), flags, 0o600),
                     (os.POSIX_SPAWN_OPEN, 2, "/dev/null", os.O_WRONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 3, str(launch.stderr_path), flags, 0o644),
+                    (os.POSIX_SPAWN_OPEN, 3, str(launch.stderr_path), flags, 0o600),
                 ],
-                setsid=True,
+                setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=(),
             )
         except OSError as e:
-            raise EngineError(f"cannot start {_SH}: {e.strerror}") from e
+            raise EngineError(f"cannot start {argv[0]}: {e.strerror}") from e
+        except ValueError as e:  # a NUL byte, '=' in a name, a lone surrogate
+            raise EngineError(unusable_env(env, e)) from e
         handle: Handle = {"pid": pid, "start": start_time(pid), "dir": str(launch.attempt_dir)}
         self._watch(launch, pid, own_child=True)
         self.events.running(launch.task_id, launch.attempt, handle)
         return handle
+
+    @staticmethod
+    def _as_pool_user(launch: Launch, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+        """The wrapper's argv and environment, switched to the pool's `user` if it has one."""
+        try:
+            user = task_user(launch.pool)
+        except KeyError:
+            user_name = launch.pool.options.get("user")
+            raise EngineError(f"pool {launch.pool.name}: no user {user_name!r} here") from None
+        if user is None:
+            return argv, launch.env
+        try:
+            logs = (launch.stdout_path, launch.stderr_path, launch.attempt_dir / INDEX)
+            user.share(launch.attempt_dir, logs)
+        except OSError as e:
+            raise EngineError(f"cannot prepare {launch.attempt_dir}: {e.strerror}") from e
+        return user.prefix() + argv, user.environment(launch.env)
 
     async def adopt(self, task_id: str, attempt: int, handle: Handle, launch: Launch) -> None:
         pid = handle.get("pid") or _read_int(launch.attempt_dir / "pid")
@@ -145,7 +208,7 @@ class LocalEngine:
         asyncio.get_running_loop().call_later(grace_s, _killpg, handle, signal.SIGKILL)
 
     async def lend_cpus(self, handle: Handle, on: bool) -> None:
-        return None  # the scheduler lends local CPUs (Capacity.lendable)
+        return None  # a blocked task's CPUs count as free in Runtime.free_capacity
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -181,7 +244,23 @@ class LocalEngine:
         if wait_status is not None and os.WIFSIGNALED(wait_status):
             # the wrapper itself was killed (SIGKILL after a cancel's grace period)
             return Exit.from_signal(os.WTERMSIG(wait_status))
+        if wait_status is not None and os.WIFEXITED(wait_status):
+            return exit_from_status(os.WEXITSTATUS(wait_status))  # no room for the file
         return Exit(None, None, Reason.LOST)
+
+
+def unusable_env(env: dict[str, str], error: ValueError) -> str:
+    """A line naming the environment variable the system cannot take."""
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key:
+            return f"cannot start: environment variable name {key!r} is not valid"
+        if "\0" in value:
+            return f"cannot start: environment variable {key} holds a NUL byte"
+        try:
+            os.fsencode(key), os.fsencode(value)
+        except UnicodeError:
+            return f"cannot start: environment variable {key!r} is not valid text"
+    return f"cannot start: the environment is not valid ({error})"
 
 
 def _killpg(handle: Handle, signum: int) -> None:

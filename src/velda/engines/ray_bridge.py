@@ -30,10 +30,12 @@ import os
 import signal
 import sys
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from velda import logindex
 from velda.engines import ray_node
 from velda.engines.pids import start_time
 from velda.engines.ray import ADOPT_POLL_S, Control, control_request, probe
@@ -58,6 +60,15 @@ class _Run:
     cancel_grace: float | None = None
     lending: bool = False  # its command waits in a vrun: its CPUs go to the children
     orphaned: bool = False  # cancelled because the server went away before it started
+    index_fd: int = -1  # the attempt's chunk index (velda/logindex.py), once open
+
+    def append(self, stream: str, payload: bytes) -> None:
+        """Bytes to a log file, and to the index when they landed, so that the combined view
+        orders them as the task wrote them."""
+        log = self.stdout if stream == "stdout" else self.stderr
+        log.write(payload)
+        if self.index_fd >= 0:
+            logindex.record(self.index_fd, stream, log.tell(), time.time())
     exit: dict[str, Any] | None = None
 
     def save(self) -> None:
@@ -199,12 +210,16 @@ class Bridge:
                    Path(command["state"]), {"bridge": self.me})
         run.save()
         self.runs[key] = run
+        with contextlib.suppress(OSError):
+            run.index_fd = logindex.open_index(Path(command["stdout"]).parent)
         try:
             result = await self._follow(run, command)
         finally:
             del self.runs[key]
             run.stdout.close()
             run.stderr.close()
+            if run.index_fd >= 0:
+                os.close(run.index_fd)
         run.state["exit"] = result
         run.save()
         _emit(self.events, {"ev": "exited", "key": key, "exit": result})
@@ -265,10 +280,8 @@ class Bridge:
         )
 
     async def _chunk(self, run: _Run, kind: str, payload: Any) -> None:
-        if kind == "stdout":
-            run.stdout.write(payload)
-        elif kind == "stderr":
-            run.stderr.write(payload)
+        if kind in ("stdout", "stderr"):
+            run.append(kind, payload)
         elif kind == "start":
             host, port = payload["control"]
             token = payload.pop("token")

@@ -111,12 +111,19 @@ def _spawn(
             stderr=subprocess.PIPE, start_new_session=True,
         )
     except (OSError, ValueError, IndexError) as e:
-        code = 126 if isinstance(e, PermissionError) else 127
-        why = e.strerror if isinstance(e, OSError) else str(e)
-        return None, (f"velda: cannot run {argv[:1]} on node {node_ip}: {why}\n", code)
+        return None, _cannot_run(argv[0] if argv else "", node_ip, e)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return proc, ("", 0)
+
+
+def _cannot_run(command: str, node_ip: str, e: Exception) -> tuple[str, int]:
+    """The local engine's words and a shell's codes for a command that cannot start."""
+    if isinstance(e, PermissionError):
+        return f"velda: permission denied: {command} is not executable (node {node_ip})\n", 126
+    why = "command not found" if isinstance(e, FileNotFoundError) else (
+        e.strerror if isinstance(e, OSError) else str(e))
+    return f"velda: cannot run '{command}' on node {node_ip}: {why}\n", 127
 
 
 def _status(returncode: int) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import json
 import os
 import signal as signals
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -15,18 +15,20 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp
 
 from velda import __version__
 from velda.models import Task, TaskStatus
-from velda.protocol import BadRequest, SubmitRequest, parse_label
-from velda.server import logs
-from velda.server.auth import CSRF_HEADER, Auth, Principal
-from velda.server.openapi import openapi_document
+from velda.protocol import BadRequest, SubmitRequest, check_id, check_text, parse_int, parse_label
+from velda.server import logs, views, waiting
+from velda.server.auth import CSRF_HEADER, Auth, Principal, task_token_refusal
+from velda.server.doors import LOOPBACK_NAMES, HostCheck, origin_refusal
+from velda.server.openapi import MAX_ATTEMPT, MAX_PAGE, openapi_document
 from velda.server.runtime import Runtime
-from velda.server.views import task_detail, task_json, tasks_json
+from velda.server.space import is_full, no_space
+from velda.server.views import start_failure, task_detail, task_json, tasks_json
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
-MAX_PAGE = 1000
 STARTED = time.time()
 
 
@@ -39,6 +41,7 @@ class Api:
         self.runtime = runtime
         self.auth = auth
         self.store = runtime.store
+        views.explain_waiting = waiting.explainer(runtime)  # waiting_for in every task's JSON
 
     def guarded(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
@@ -47,23 +50,44 @@ class Api:
             )
             if principal is None:
                 return _error("missing or invalid token", 401)
-            if (
-                request.method not in ("GET", "HEAD")
-                and principal.via_cookie
-                and not self.auth.csrf_ok(dict(request.cookies), request.headers.get(CSRF_HEADER))
-            ):
-                return _error("missing or invalid CSRF header", 403)
+            refusal = self.refusal(request, principal)
+            if refusal is not None:
+                return _error(*refusal)
             try:
                 return await handler(request, principal)
             except BadRequest as e:
                 return _error(str(e), e.status, e.field)
+            except OSError as e:  # the step was rolled back whole: nothing half-done stays
+                if not is_full(e):
+                    raise
+                return _error(no_space(e, self.runtime.home), 507)
 
         return endpoint
+
+    def refusal(self, request: Request, principal: Principal) -> tuple[str, int] | None:
+        """Why an authenticated request is still refused: a web session's change without the
+        CSRF header or from another origin; a token whose task has ended."""
+        write = request.method not in ("GET", "HEAD")
+        if write and principal.via_cookie:
+            if not self.auth.csrf_ok(dict(request.cookies), request.headers.get(CSRF_HEADER)):
+                return "missing or invalid CSRF header", 403
+            h = request.headers
+            cross = origin_refusal(h.get("origin"), h.get("referer"), h.get("host"),
+                                   (self.runtime.url, self.runtime.config.server_url))
+            if cross is not None:
+                return cross, 403
+        if principal.scope is None:
+            return None
+        task = self.store.get(principal.scope)
+        return task_token_refusal(
+            principal.scope, task.status if task else None, task.resolved_at if task else None,
+            write, time.time(),
+        )
 
     # --- helpers
 
     def task(self, request: Request, principal: Principal) -> Task:
-        task_id = request.path_params["id"]
+        task_id = check_id(request.path_params["id"], "id")
         task = self.store.get(task_id)
         if task is None:
             raise BadRequest(f"no task {task_id}", "id", status=404)
@@ -73,26 +97,41 @@ class Api:
             raise BadRequest(f"task {task_id} is outside this task's subtree", "id", 403)
         return task
 
+    def blocking_follow(
+        self, principal: Principal, task: Task, body: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        """A follow stream of `task`: opened from inside an ancestor task (with its token),
+        that ancestor is blocked waiting for it while the stream is open."""
+        if principal.scope is None or principal.scope == task.id:
+            return body
+        return self.runtime.blocked.following(principal.scope, task.id, body)
+
     async def body(self, request: Request) -> Any:
+        raw = await read_body(request, self.runtime.config.max_request_bytes)
         try:
-            return json.loads(await request.body() or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRequest(f"the request body is not JSON: {e}") from e
+            return json.loads(raw or b"{}")  # Infinity and NaN: refused by the field checks
+        except ValueError as e:  # not JSON, not UTF-8, or an integer of over 4300 digits
+            raise BadRequest(f"the request body is not JSON: {str(e)[:200]}") from e
+        except RecursionError:
+            raise BadRequest("the request body is nested too deeply") from None
 
     # --- handlers
 
     async def submit(self, request: Request, principal: Principal) -> Response:
+        key = _idempotency_key(request)
+        earlier = self.store.by_idempotency_key(key) if key else None
         req = SubmitRequest.from_json(await self.body(request))
-        task = await self.runtime.submit(req, principal.scope)
+        task = earlier or await self.runtime.submit(req, principal.scope, key)
         data = task_json(task, self.store.children_counts([task.id])[task.id], self.store)
-        notice = self.runtime.notice_for(self.runtime.pool(task.pool))
+        # only for a submitter outside any task: inside one, its stderr is that task's log
+        notice = None if principal.scope else self.runtime.notice_for(self.runtime.pool(task.pool))
         if notice:
             data["notice"] = notice
-        return JSONResponse(data, status_code=201)
+        return JSONResponse(data, status_code=200 if earlier else 201)
 
     async def list_tasks(self, request: Request, principal: Principal) -> Response:
         q = request.query_params
-        parent = _opt_int(q.get("parent"), "parent")
+        parent = parse_int(q.get("parent"), "parent")
         if parent is None and principal.scope is not None:
             parent = principal.scope
         if parent is not None and principal.scope is not None:
@@ -101,10 +140,8 @@ class Api:
                 parent_task, principal.scope
             ):
                 raise BadRequest(f"task {parent} is outside this task's subtree", "parent", 403)
-        size = _opt_int(q.get("page_size"), "page_size")
+        size = parse_int(q.get("page_size"), "page_size", 1, MAX_PAGE)
         size = 50 if size is None else size
-        if not 1 <= size <= MAX_PAGE:
-            raise BadRequest(f"page_size: must be from 1 to {MAX_PAGE}", "page_size")
         statuses = [s.strip().upper() for v in q.getlist("status") for s in v.split(",") if s]
         _check_statuses(statuses)
         tasks = self.store.query(
@@ -112,8 +149,8 @@ class Api:
             top_level=q.get("all") not in ("1", "true"),
             statuses=statuses,
             labels=[parse_label(v) for v in q.getlist("label")],
-            text=q.get("q") or None,
-            after=_opt_int(q.get("page_token"), "page_token"),
+            text=check_text(q.get("q") or "", "q") or None,
+            after=parse_int(q.get("page_token"), "page_token"),
             limit=size + 1,
         )
         token = str(tasks[size - 1].id) if len(tasks) > size else None
@@ -123,33 +160,44 @@ class Api:
 
     async def get_task(self, request: Request, principal: Principal) -> Response:
         task = self.task(request, principal)
-        data = task_detail(task, self.store)
+        data = self.detail(task, _show_env(request, principal))
         if request.query_params.get("subtree") in ("1", "true"):
             data["subtree"] = asdict(self.store.subtree_counts(task.id))
         return JSONResponse(data)
 
     async def resolve(self, request: Request, principal: Principal) -> Response:
-        ref = request.query_params.get("ref", "")
+        ref = check_text(request.query_params.get("ref", ""), "ref")
         if not ref:
             raise BadRequest("ref: give a task ID, name or path", "ref")
         task = self.runtime.resolver.resolve(ref, principal.scope)
-        return JSONResponse(task_detail(task, self.store))
+        return JSONResponse(self.detail(task, _show_env(request, principal)))
+
+    def detail(self, task: Task, show_env: bool = False) -> dict[str, Any]:
+        """One task as `velda task get` shows it: with why its command could not start."""
+        data = task_detail(task, self.store, show_env)
+        if data["reason_detail"] is None:
+            stderr = self.runtime.attempt_dir(task.id, task.attempt) / "stderr"
+            data["reason_detail"] = start_failure(task, stderr)
+        return data
 
     async def cancel(self, request: Request, principal: Principal) -> Response:
         task = self.task(request, principal)
+        if task.status.is_final():  # nothing to stop; say so rather than "cancelling"
+            return JSONResponse({**task_detail(task, self.store), "already_ended": True})
         await self.runtime.cancel(task.id)
         return JSONResponse(task_detail(self.store.get(task.id) or task, self.store))
 
     async def retry(self, request: Request, principal: Principal) -> Response:
         task = self.task(request, principal)
-        await self.runtime.retry(task.id)
+        await self.runtime.retry(task.id, _idempotency_key(request))
         return JSONResponse(task_detail(self.store.get(task.id) or task, self.store))
 
     async def signal(self, request: Request, principal: Principal) -> Response:
         task = self.task(request, principal)
         body = await self.body(request)
         signum = body.get("signal") if isinstance(body, dict) else None
-        if not isinstance(signum, int) or signum not in signals.valid_signals():
+        valid = isinstance(signum, int) and not isinstance(signum, bool)
+        if not valid or signum not in signals.valid_signals():
             raise BadRequest("signal: must be a signal number", "signal")
         await self.runtime.send_signal(task.id, signum)
         return JSONResponse({"ok": True})
@@ -158,32 +206,45 @@ class Api:
         task = self.task(request, principal)
         q = request.query_params
         stream = q.get("stream", "stdout")
-        if stream not in ("stdout", "stderr"):
-            raise BadRequest("stream: must be stdout or stderr", "stream")
-        attempt = _opt_int(q.get("attempt"), "attempt") or max(task.attempt, 1)
-        offset = _opt_int(q.get("offset"), "offset") or 0
-        if offset < 0:
-            raise BadRequest("offset: must be 0 or more", "offset")
+        if stream not in ("stdout", "stderr", "combined"):
+            raise BadRequest("stream: must be stdout, stderr or combined", "stream")
+        attempt = parse_int(q.get("attempt"), "attempt", 1, MAX_ATTEMPT) or max(task.attempt, 1)
+        offset = parse_int(q.get("offset"), "offset") or 0
         follow = q.get("follow") in ("1", "true")
-        body = logs.stream_file(self.runtime, task.id, attempt, stream, offset, follow)
-        return StreamingResponse(body, media_type="application/octet-stream")
+        headers: dict[str, str] = {}
+        if stream == "combined":
+            framed = q.get("framed") in ("1", "true")
+            tail = parse_int(q.get("tail"), "tail", 0)
+            if tail is not None:  # the last `tail` bytes; the header says where they start
+                offset = max(0, logs.combined_length(self.runtime, task, attempt) - tail)
+                headers["X-Velda-Offset"] = str(offset)
+            body = logs.stream_combined(self.runtime, task.id, attempt, offset, follow, framed)
+        else:
+            body = logs.stream_file(self.runtime, task.id, attempt, stream, offset, follow)
+        if follow:
+            body = self.blocking_follow(principal, task, body)
+        return StreamingResponse(body, media_type="application/octet-stream", headers=headers)
 
     async def output(self, request: Request, principal: Principal) -> Response:
         task = self.task(request, principal)
         q = request.query_params
-        attempt = _opt_int(q.get("attempt"), "attempt")
+        attempt = parse_int(q.get("attempt"), "attempt", 1, MAX_ATTEMPT)
         follow = q.get("follow") in ("1", "true")
-        body = logs.multiplex(self.runtime, task.id, attempt, follow)
+        body = logs.multiplex(self.runtime, task.id, attempt, follow, _resume_point(q, attempt))
+        if follow:
+            body = self.blocking_follow(principal, task, body)
         return StreamingResponse(body, media_type="application/x-velda-frames")
 
     async def events(self, request: Request, principal: Principal) -> Response:
         task = self.task(request, principal)
-        return StreamingResponse(
-            logs.task_events(self.runtime, task.id), media_type="text/event-stream"
-        )
+        subtree = request.query_params.get("subtree") in ("1", "true")
+        events = logs.task_events(self.runtime, task.id, subtree)
+        body = self.blocking_follow(principal, task, events)
+        return StreamingResponse(body, media_type="text/event-stream")
 
     async def pools(self, request: Request, principal: Principal) -> Response:
-        return JSONResponse({"pools": await self.runtime.pool_usage()})
+        pools = await self.runtime.pool_usage()
+        return JSONResponse({"pools": pools, "machine": self.runtime.machine_usage()})
 
     async def login_link(self, request: Request, principal: Principal) -> Response:
         if principal.scope is not None or principal.via_cookie:
@@ -192,7 +253,20 @@ class Api:
         return JSONResponse({"url": url})
 
     async def server(self, request: Request, principal: Principal) -> Response:
-        return JSONResponse(server_info(self.runtime))
+        info = server_info(self.runtime)
+        if principal.scope is not None:
+            del info["home"]  # where the server keeps its token is none of a task's business
+            del info["config"]
+        return JSONResponse(info)
+
+    async def reload(self, request: Request, principal: Principal) -> Response:
+        """Read velda.toml again now; a file that cannot be used is a 400 with its reason."""
+        if principal.scope is not None or principal.via_cookie:
+            raise BadRequest("only the server token can reload the config", None, 403)
+        error = self.runtime.watcher.reload()
+        if error:
+            raise BadRequest(f"{error}; the pools read before stay in force", None)
+        return JSONResponse({"config": self.runtime.watcher.describe()})
 
 
 def server_info(runtime: Runtime) -> dict[str, Any]:
@@ -202,16 +276,52 @@ def server_info(runtime: Runtime) -> dict[str, Any]:
         "version": __version__,
         "uptime_s": round(time.time() - STARTED, 3),
         "home": str(runtime.home),
+        "config": runtime.watcher.describe(),
+        "refusing_work": runtime.space.full,  # why no new work starts now (a full disk)
     }
 
 
-def _opt_int(value: str | None, field: str) -> int | None:
-    if value is None or value == "":
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 past `limit` bytes before it is all read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(f"the request body is over {limit} bytes", None, 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(f"the request body is over {limit} bytes", None, 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _resume_point(q: Any, attempt: int | None) -> tuple[int, int, int] | None:
+    """Where a follower resumes /output: ?from_attempt=&stdout_offset=&stderr_offset=."""
+    if q.get("stdout_offset") is None and q.get("stderr_offset") is None:
         return None
-    try:
-        return int(value)
-    except ValueError:
-        raise BadRequest(f"{field}: {value!r} is not an integer", field) from None
+    start = parse_int(q.get("from_attempt"), "from_attempt", 1, MAX_ATTEMPT) or attempt or 1
+    stdout = parse_int(q.get("stdout_offset"), "stdout_offset") or 0
+    stderr = parse_int(q.get("stderr_offset"), "stderr_offset") or 0
+    return start, stdout, stderr
+
+
+def _idempotency_key(request: Request) -> str | None:
+    """The client's key for a request that creates something: the same key again means the
+    same request again (its answer was lost), never a second task."""
+    key = request.headers.get("idempotency-key", "").strip()
+    if len(key) > 200:
+        raise BadRequest("Idempotency-Key: at most 200 characters", "Idempotency-Key")
+    return key or None
+
+
+def _show_env(request: Request, principal: Principal) -> bool:
+    """?show_env=1: the environment unmasked, for the server token only."""
+    if request.query_params.get("show_env") not in ("1", "true"):
+        return False
+    if principal.scope is not None or principal.via_cookie:
+        raise BadRequest("show_env: only the server token may see unmasked values", "show_env",
+                         403)
+    return True
 
 
 def _check_statuses(statuses: list[str]) -> None:
@@ -224,18 +334,27 @@ def _check_statuses(statuses: list[str]) -> None:
             )
 
 
-async def healthz(request: Request) -> Response:
-    return JSONResponse({"ok": True})
+def healthz_of(runtime: Runtime) -> Callable[[Request], Awaitable[Response]]:
+    async def healthz(request: Request) -> Response:
+        full = runtime.space.full  # said only while it holds: a healthy answer stays as it was
+        return JSONResponse({"ok": True, **({"refusing_work": full} if full else {})})
+
+    return healthz
 
 
-def build_app(runtime: Runtime, auth: Auth) -> Starlette:
+def build_app(
+    runtime: Runtime, auth: Auth, names: set[str] | None = None, any_ip: bool = False
+) -> ASGIApp:
+    """The API and the web UI, answering only to the host `names` (doors.served_names), and
+    to any IP address if `any_ip` (a server bound to every address)."""
     api = Api(runtime, auth)
     g = api.guarded
     routes: list[BaseRoute] = [
-        Route("/healthz", healthz),
+        Route("/healthz", healthz_of(runtime)),
         Route("/metrics", g(lambda r, p: metrics(runtime)), methods=["GET"]),
         Route("/api/v1/openapi.json", lambda r: JSONResponse(openapi_document())),
         Route("/api/v1/server", g(api.server)),
+        Route("/api/v1/server/reload", g(api.reload), methods=["POST"]),
         Route("/api/v1/tasks", g(api.list_tasks), methods=["GET"]),
         Route("/api/v1/tasks", g(api.submit), methods=["POST"]),
         Route("/api/v1/resolve", g(api.resolve)),
@@ -250,10 +369,11 @@ def build_app(runtime: Runtime, auth: Auth) -> Starlette:
         Route("/api/v1/login-links", g(api.login_link), methods=["POST"]),
     ]
     routes += _web_routes(runtime, auth)
-    return Starlette(
+    app = Starlette(
         routes=routes,
         exception_handlers={404: _not_found, 405: _not_allowed, 500: _server_error},
     )
+    return HostCheck(app, set(LOOPBACK_NAMES) if names is None else names, any_ip)
 
 
 def _web_routes(runtime: Runtime, auth: Auth) -> list[BaseRoute]:

@@ -1,7 +1,12 @@
 """Who is asking: the server token, a task token, or a web session cookie.
 
-Task tokens are `task.<id>.<hmac>` and act only inside task <id>'s subtree. Web sessions are
-signed cookies; requests that change state with a cookie must echo the CSRF cookie in a header.
+Task tokens are `task.<id>.<hmac>` and act only inside task <id>'s subtree, and only while the
+task is open: once it is final its token may still read for TASK_TOKEN_GRACE_S (a `vrun` draining
+the last logs) and changes nothing. Web sessions are signed cookies; requests that change state
+with a cookie must echo the CSRF cookie in a header and come from the server's own origin.
+
+Credentials are compared as bytes: a header or cookie may hold any character, and comparing a
+non-ASCII string must be a refusal, not an error.
 """
 
 from __future__ import annotations
@@ -14,11 +19,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from velda.models import TaskStatus
+
 SESSION_COOKIE = "velda_session"
 CSRF_COOKIE = "velda_csrf"
 CSRF_HEADER = "x-velda-csrf"
 SESSION_S = 7 * 24 * 3600
 LOGIN_CODE_S = 300
+TASK_TOKEN_GRACE_S = 600  # reads allowed this long after the token's task became final
+_MAX_DIGITS = 18  # a task ID or an expiry time: anything longer is no credential of ours
 
 
 @dataclass(frozen=True)
@@ -52,11 +61,11 @@ class Auth:
         return f"task.{task_id}.{self._sign(f'task:{task_id}')}"
 
     def check_token(self, token: str) -> Principal | None:
-        if hmac.compare_digest(token, self.token):
+        if same(token, self.token):
             return Principal(None)
         parts = token.split(".")
-        if len(parts) == 3 and parts[0] == "task" and parts[1].isdigit():
-            if hmac.compare_digest(parts[2], self._sign(f"task:{parts[1]}")):
+        if len(parts) == 3 and parts[0] == "task" and _is_number(parts[1]):
+            if same(parts[2], self._sign(f"task:{parts[1]}")):
                 return Principal(int(parts[1]))
         return None
 
@@ -78,9 +87,9 @@ class Auth:
 
     def check_session(self, cookie: str) -> Principal | None:
         expires, _, signature = cookie.partition(".")
-        if not expires.isdigit() or int(expires) < time.time():
+        if not _is_number(expires) or int(expires) < time.time():
             return None
-        if not hmac.compare_digest(signature, self._sign(f"session:{expires}")):
+        if not same(signature, self._sign(f"session:{expires}")):
             return None
         return Principal(None, via_cookie=True)
 
@@ -96,4 +105,35 @@ class Auth:
     @staticmethod
     def csrf_ok(cookies: dict[str, str], header: str | None) -> bool:
         expected = cookies.get(CSRF_COOKIE)
-        return bool(expected and header and hmac.compare_digest(expected, header))
+        return bool(expected and header and same(expected, header))
+
+
+def same(given: str, expected: str) -> bool:
+    """Constant-time equality of two credentials, whatever characters they hold."""
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
+
+
+def _is_number(text: str) -> bool:
+    # isdigit() alone accepts "²" and other digits that int() refuses
+    return 0 < len(text) <= _MAX_DIGITS and text.isascii() and text.isdigit()
+
+
+def task_token_refusal(
+    scope: int, status: TaskStatus | None, resolved_at: float | None, write: bool, now: float
+) -> tuple[str, int] | None:
+    """Why a task token may not make this request (message, HTTP status), or None if it may.
+
+    Only a final task's token is limited: RUNNING and RUNNING_SUBTASKS are open, and a task
+    that is retried is open again, so its token acts again."""
+    if status is None:
+        return f"task {scope} of this token no longer exists", 401
+    if not status.is_final():
+        return None
+    if write:
+        return f"task {scope} has ended ({status}): its token can no longer change anything", 403
+    if resolved_at is not None and now > resolved_at + TASK_TOKEN_GRACE_S:
+        minutes = TASK_TOKEN_GRACE_S // 60
+        return f"task {scope} ended more than {minutes} minutes ago: its token has expired", 401
+    return None

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from pathlib import Path
 
+from velda.logindex import CODE
 from velda.models import Task
+from velda.server.combined import Combined
 from velda.server.runtime import Runtime
 from velda.server.views import task_detail
 
@@ -19,12 +22,12 @@ POLL_S = 0.05
 STREAMS = (("o", "stdout"), ("e", "stderr"))
 
 
-def _read(path: Path, offset: int) -> bytes:
+def _read(path: Path, offset: int, size: int = CHUNK) -> bytes:
     try:
         with open(path, "rb") as f:
             f.seek(offset)
-            return f.read(CHUNK)
-    except FileNotFoundError:
+            return f.read(size)
+    except OSError:  # not written yet, or an offset past what the OS can seek to
         return b""
 
 
@@ -45,6 +48,47 @@ async def stream_file(
         version = await runtime.notifier.wait(version, POLL_S)
 
 
+async def stream_combined(
+    runtime: Runtime, task_id: int, attempt: int, offset: int, follow: bool, framed: bool
+) -> AsyncIterator[bytes]:
+    """Both streams as one, in the order they were written (server/combined.py), from byte
+    `offset` of that merged stream; framed, each piece says its stream (see docs/api.md)."""
+    task = runtime.store.get(task_id)
+    done = task is None or _attempt_done(task, attempt)
+    combined, left = Combined.at(runtime.attempt_dir(task_id, attempt), offset, done)
+    try:
+        async for stream, data in _merged(runtime, combined, task_id, attempt, left, follow):
+            offset, left = offset + len(data), 0  # data comes only once the skip is done
+            yield _frame(CODE[stream], data) if framed else data
+        if not left:
+            combined.remember(offset)  # the next poll of the page starts here
+    finally:
+        combined.close()
+
+
+def combined_length(runtime: Runtime, task: Task, attempt: int) -> int:
+    combined = Combined(runtime.attempt_dir(task.id, attempt))
+    return combined.length(_attempt_done(task, attempt))
+
+
+async def _merged(
+    runtime: Runtime, combined: Combined, task_id: int, attempt: int, offset: int, follow: bool
+) -> AsyncIterator[tuple[str, bytes]]:
+    version = runtime.notifier.version
+    while True:
+        task = runtime.store.get(task_id)
+        done = task is None or _attempt_done(task, attempt)
+        offset = combined.skip(offset, done)
+        pieces = [] if offset else combined.read(to_end=done)
+        for piece in pieces:
+            yield piece
+        if pieces:
+            continue
+        if done or not follow:
+            return
+        version = await runtime.notifier.wait(version, POLL_S)
+
+
 def _attempt_done(task: Task, attempt: int) -> bool:
     """No more output will come for this attempt."""
     return task.status.is_final() or task.attempt > attempt or task.finished_at is not None
@@ -55,12 +99,40 @@ def _frame(kind: str, data: bytes) -> bytes:
 
 
 async def multiplex(
-    runtime: Runtime, task_id: int, attempt: int | None, follow: bool
+    runtime: Runtime, task_id: int, attempt: int | None, follow: bool,
+    resume: tuple[int, int, int] | None = None,
 ) -> AsyncIterator[bytes]:
     """Both streams as frames (see docs/api.md), plus a status frame at every change, across
-    attempts when following the latest one. The last frame is the task as it ended."""
-    current = attempt or 1
-    offsets = {"stdout": 0, "stderr": 0}
+    attempts when following the latest one. The last frame is the task as it ended.
+
+    `resume` (attempt, stdout offset, stderr offset) starts where a broken stream stopped; a
+    client that asks for it also gets an `a` frame each time the stream moves to the next
+    attempt, so that it can tell where to resume next time, and a last `z` frame."""
+    async for frame in _multiplex(runtime, task_id, attempt, follow, resume):
+        yield frame
+    if resume:
+        yield _frame("z", b"")  # the end: a stream that stops before it was cut
+
+
+def _new_output(
+    runtime: Runtime, task_id: int, attempt: int, offsets: dict[str, int]
+) -> list[bytes]:
+    """Frames of what both streams of the attempt gained since `offsets` (which move on)."""
+    frames = []
+    for kind, stream in STREAMS:
+        data = _read(runtime.attempt_dir(task_id, attempt) / stream, offsets[stream])
+        if data:
+            offsets[stream] += len(data)
+            frames.append(_frame(kind, data))
+    return frames
+
+
+async def _multiplex(
+    runtime: Runtime, task_id: int, attempt: int | None, follow: bool,
+    resume: tuple[int, int, int] | None,
+) -> AsyncIterator[bytes]:
+    current = resume[0] if resume else attempt or 1
+    offsets = {"stdout": resume[1], "stderr": resume[2]} if resume else {"stdout": 0, "stderr": 0}
     last_seen: tuple[object, ...] | None = None
     status_last = False  # was the last frame a status frame?
     version = runtime.notifier.version
@@ -68,13 +140,11 @@ async def multiplex(
         task = runtime.store.get(task_id)
         if task is None:
             return
-        moved = False
-        for kind, stream in STREAMS:
-            data = _read(runtime.attempt_dir(task_id, current) / stream, offsets[stream])
-            if data:
-                offsets[stream] += len(data)
-                moved, status_last = True, False
-                yield _frame(kind, data)
+        frames = _new_output(runtime, task_id, current, offsets)
+        moved = bool(frames)
+        for frame in frames:
+            status_last = False
+            yield frame
         seen = (task.status, task.attempt, task.finished_at)
         ending = not moved and (not follow or task.status.is_final())
         if seen != last_seen or (ending and not status_last):
@@ -84,14 +154,19 @@ async def multiplex(
             continue
         if attempt is None and task.attempt > current:
             current, offsets = current + 1, {"stdout": 0, "stderr": 0}
+            if resume:
+                yield _frame("a", str(current).encode())
             continue
         if ending:
             return
         version = await runtime.notifier.wait(version, POLL_S)
 
 
-async def task_events(runtime: Runtime, task_id: int) -> AsyncIterator[bytes]:
-    """Server-sent events: the task at every change of it or of its children counters."""
+async def task_events(
+    runtime: Runtime, task_id: int, subtree: bool = False
+) -> AsyncIterator[bytes]:
+    """Server-sent events: the task at every change of it or of its children counters (with
+    `subtree`, also the counts of its whole subtree)."""
     last = None
     version = runtime.notifier.version
     while True:
@@ -99,6 +174,8 @@ async def task_events(runtime: Runtime, task_id: int) -> AsyncIterator[bytes]:
         if task is None:
             return
         data = task_detail(task, runtime.store)
+        if subtree:
+            data["subtree"] = asdict(runtime.store.subtree_counts(task_id))
         if data != last:
             last = data
             yield f"event: task\ndata: {json.dumps(data)}\n\n".encode()

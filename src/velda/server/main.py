@@ -21,12 +21,16 @@ from typing import Any
 
 import uvicorn
 
-from velda.config import ConfigError, config_path, load_config
+from velda.config import Config, ConfigError, config_file, config_path, load_config
 from velda.paths import DEFAULT_PORT, server_file, velda_home
 from velda.server.app import build_app
 from velda.server.auth import Auth, load_or_create_token
+from velda.server.config_watch import ConfigWatcher
+from velda.server.doors import WILDCARD_HOSTS, served_names
+from velda.server.permissions import create_private, secure_home, write_private
 from velda.server.runtime import Runtime
-from velda.store.sqlite import SqliteStore
+from velda.server.space import is_full, no_space
+from velda.store.sqlite import SqliteStore, StoreFull
 
 log = logging.getLogger("velda.server")
 
@@ -37,12 +41,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--allowed-host", action="append", default=[], dest="allowed_hosts")
     return p.parse_args(argv)
 
 
-def bind(host: str, port: int | None) -> socket.socket:
-    """The given port, else the default one, else any free port."""
-    candidates = [port] if port is not None else [DEFAULT_PORT, 0]
+def bind(host: str, port: int | None, remembered: int | None = None) -> socket.socket:
+    """The given port; else (none given, or 0: any) the port this home's server had last time,
+    so that clients and running tasks find a restarted server where it was; else the default
+    one (none given); else any free port."""
+    if port:
+        candidates = [port]
+    else:
+        candidates = [remembered] if remembered else []
+        candidates += [DEFAULT_PORT, 0] if port is None else [0]
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for i, candidate in enumerate(candidates):
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -80,25 +91,41 @@ def url_of(sock: socket.socket, host: str) -> str:
 
 async def serve(args: argparse.Namespace, home: Path) -> None:
     config = load_config(args.config or config_path(home))
+    secure_home(home, traversable=any("user" in p.options for p in config.pools.values()))
     token = load_or_create_token(home)
     auth = Auth(token)
+    create_private(home / "velda.db")
     store = SqliteStore(home / "velda.db")
     runtime = Runtime(home, config, store, auth.task_token)
-    sock = bind(args.host, args.port if args.port is not None else _env_port())
+    runtime.config_file = config_file(home, args.config)
+    runtime.watcher = ConfigWatcher(runtime.config_file, config, runtime.apply_config)
+    port = args.port if args.port is not None else _env_port()
+    sock = bind(args.host, port, _remembered_port(home))
+    _remember_port(home, sock.getsockname()[1])
     runtime.url = url_of(sock, args.host)
     await runtime.recover()
-    app = build_app(runtime, auth)
+    runtime.watcher.start()
+    app = build_app(runtime, auth, *_served(args.host, config, args.allowed_hosts))
     server = uvicorn.Server(
         uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                        timeout_graceful_shutdown=1)
     )
-    announce(home, runtime.url)
+    announce(home, runtime.url, _start_args(args))
     try:
         await server.serve(sockets=[sock])
     finally:
+        runtime.watcher.stop()
         await runtime.close()
         store.close()
         withdraw(home)
+
+
+def _served(bind_host: str, config: Config, extra: list[str]) -> tuple[set[str], bool]:
+    """The host names the server answers to, and whether it answers to any IP address."""
+    urls = [config.server_url] + [str(p.options.get("server_url") or "")
+                                  for p in config.pools.values()]
+    names = served_names(bind_host, urls, config.allowed_hosts + extra)
+    return names, bind_host in WILDCARD_HOSTS
 
 
 def _env_port() -> int | None:
@@ -106,11 +133,50 @@ def _env_port() -> int | None:
     return int(value) if value else None
 
 
-def announce(home: Path, url: str) -> None:
-    path = Path(server_file(home))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
-    tmp.replace(path)
+def _remembered_port(home: Path) -> int | None:
+    try:
+        return int((home / "port").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _remember_port(home: Path, port: int) -> None:
+    write_start_file(home / "port", f"{port}\n")
+
+
+def _start_args(args: argparse.Namespace) -> list[str]:
+    """What `velda server restart` starts the next server with: the same address, port and
+    config file as this one was given."""
+    start = ["--host", args.host]
+    start += ["--port", str(args.port)] if args.port is not None else []
+    start += [arg for name in args.allowed_hosts for arg in ("--allowed-host", name)]
+    return start + (["--config", str(args.config.resolve())] if args.config else [])
+
+
+def announce(home: Path, url: str, start_args: list[str] | None = None) -> None:
+    info = {"url": url, "pid": os.getpid(), "args": start_args or []}
+    write_start_file(Path(server_file(home)), json.dumps(info))
+
+
+def write_start_file(path: Path, text: str) -> None:
+    """A file the server writes as it starts. On a full disk it goes over the old file's
+    bytes in place (no new blocks needed), else it is left out: the server starts anyway."""
+    try:
+        write_private(path, text)
+        return
+    except OSError as e:
+        if not is_full(e):
+            raise
+    path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, text.encode())
+            os.ftruncate(fd, len(text.encode()))
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log.warning("cannot write %s: %s", path, no_space(e, path.parent))
 
 
 def withdraw(home: Path) -> None:
@@ -143,4 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"velda: {e}", file=sys.stderr)
         return 2
+    except StoreFull as e:  # only a store that needs a new column, with no room for it
+        print(f"velda: cannot upgrade the store: {no_space(e, home)}", file=sys.stderr)
+        return 1
     return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from velda.models import Task
-from velda.protocol import BadRequest
+from velda.protocol import MAX_ID, BadRequest
 from velda.store.sqlite import SqliteStore
 
 
@@ -25,7 +25,9 @@ class Resolver:
         return task
 
     def _by_id(self, ref: str, scope: int | None) -> Task | None:
-        if not ref.isdigit():
+        if not (ref.isascii() and ref.isdigit()):
+            return None  # '²' is a digit to str.isdigit, yet no ID
+        if len(ref) > 19 or int(ref) > MAX_ID:
             return None
         task = self.store.get(int(ref))
         if task is not None and scope is not None and not self.within(task, scope):

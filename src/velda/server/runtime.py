@@ -9,11 +9,16 @@ place that writes a final status is `_finalize` (a final status never changes ex
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import shlex
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from copy import copy
 from pathlib import Path
+from typing import Any
 
 from velda.config import Config
 from velda.engines.base import Engine, EngineError, Handle, Launch, NotStartedError
@@ -33,14 +38,21 @@ from velda.models import (
 from velda.outcome import Verdict, combine, dependency_verdict, resolved_status
 from velda.protocol import BadRequest, SubmitRequest
 from velda.ready_queue import ReadyQueue
-from velda.scheduler import Capacity, Request, schedule
+from velda.scheduler import Capacity, Placement, Request, schedule
+from velda.server.blocked import Blocked
+from velda.server.config_watch import ConfigWatcher
 from velda.server.notifier import Notifier
 from velda.server.refs import Resolver
 from velda.server.retry import reopen
+from velda.server.sampler import ChunkSampler
+from velda.server.space import Space, is_full
 from velda.store.sqlite import SqliteStore
 
 S = TaskStatus
-CANCEL_GRACE_S = 10.0
+CANCEL_GRACE_S = 10.0  # VELDA_CANCEL_GRACE_S overrides it
+BULK_STEP = 500  # shards queued or cancelled per transaction, between which others get in
+REPORT_SLACK_S = 0.5  # for the engine to report a process its SIGKILL ended
+log = logging.getLogger("velda.server")
 _OWN_VELDA_VARS = ("VELDA_TASK_ID", "VELDA_TASK_NAME", "VELDA_POOL", "VELDA_ATTEMPT",
                    "VELDA_TOKEN", "VELDA_SHARD_ID", "VELDA_TOTAL_SHARDS")
 
@@ -61,6 +73,7 @@ class Runtime:
         self.now = now
         self.url = ""
         self.notifier = Notifier()
+        self.sampler = ChunkSampler(now)  # the chunk index of running local attempts
         self.resolver = Resolver(store)
         self.local = LocalEngine(self, config.local_cpus, config.local_gpus)
         self.engines: dict[str, Engine] = {"local": self.local}
@@ -68,10 +81,16 @@ class Runtime:
         self.remote_queue: list[int] = []  # tasks to hand to engines that place work
         self.allocs: dict[int, Allocation] = {}  # local tasks holding capacity
         self.alloc_pools: dict[int, str] = {}  # ... and the pool each belongs to
-        self.blockers: dict[int, int] = {}  # task -> open children it waits for (vrun)
+        self.blocked = Blocked(self._blocked_changed)  # tasks waiting for their subtree
+        self.reserving: list[int] = []  # queued tasks the last pass held capacity for
         self.timers: dict[int, asyncio.TimerHandle] = {}
         self._schedule_pending = False
         self._jobs: set[asyncio.Task[None]] = set()
+        self.cancel_grace_s = float(os.environ.get("VELDA_CANCEL_GRACE_S") or CANCEL_GRACE_S)
+        self.deadlines: dict[int, asyncio.TimerHandle] = {}  # cancelled tasks' last moment
+        self.space = Space(home, self._request_schedule)  # writes waiting for a full disk
+        self.config_file = home / "velda.toml"  # where a fix to the pools goes (main sets it)
+        self.watcher = ConfigWatcher(self.config_file, config, self.apply_config)
 
     # --- pools
 
@@ -82,6 +101,27 @@ class Runtime:
             known = ", ".join(self.config.known_pools())
             raise BadRequest(f"unknown pool '{pool_name}'; pools: {known}", "pool")
         return pool
+
+    def apply_config(self, config: Config) -> None:
+        """New pools from a changed velda.toml. Tasks already queued keep what they asked
+        for; an engine already made for a remote pool keeps its settings until a restart."""
+        self.config = config
+        self.local.override(config.local_cpus, config.local_gpus)
+        self._request_schedule()
+
+    async def check_pool(self, pool: Pool) -> None:
+        """EngineError, saying what to do, when the pool's tasks can never run."""
+        try:
+            await self.engine_of(pool.name).check(pool)
+        except EngineError as e:
+            if pool.engine != "local" or not pool.resources.gpus:
+                raise
+            # one line, and one a shell can run as it is
+            lines = f'\\n[pools.{pool.name}]\\nengine = "local"\\ncpus = 1\\n'
+            raise EngineError(
+                f"{e}; to run its tasks on CPUs instead: printf '{lines}' >> "
+                f"{shlex.quote(str(self.config_file))} (the server reads it within a second)"
+            ) from e
 
     def engine_of(self, pool_name: str) -> Engine:
         """The engine serving a pool; one per remote pool, made on first use. A pool that
@@ -111,21 +151,34 @@ class Runtime:
 
     # --- submit
 
-    async def submit(self, req: SubmitRequest, scope: int | None) -> Task:
+    async def submit(self, req: SubmitRequest, scope: int | None, key: str | None = None) -> Task:
+        """A new task; with `key` (the client's idempotency key), the task an earlier submit
+        with the same key made, if there is one."""
+        earlier = self.store.by_idempotency_key(key) if key else None
+        if earlier is not None:
+            return earlier
         pool = self.pool(req.pool)
         try:
-            await self.engine_of(pool.name).check(pool)
+            await self.check_pool(pool)
         except EngineError as e:
             raise BadRequest(str(e), "pool") from e
         self._check_submit(req, pool, scope)
         deps = self._dependencies(req, scope)
-        with self.store.transaction():
+        with self._writing():
+            earlier = self.store.by_idempotency_key(key) if key else None
+            if earlier is not None:  # the same request, again, while this one awaited
+                return earlier
             task = self._insert(req, pool, scope, deps)
+            if key:
+                self.store.set_idempotency_key(task.id, key)
             if req.total_shards is not None:
                 self._insert_shards(task, req, pool)
             self._cascade([task.id])
         self._changed()
-        return self.store.get(task.id) or task  # the cascade may have moved it on
+        task = self.store.get(task.id) or task  # the cascade may have moved it on
+        if req.blocking and scope is not None and not task.status.is_final():
+            self.blocked.submitted(task.id, scope)  # its vrun follows it from now on
+        return task
 
     def _check_submit(self, req: SubmitRequest, pool: Pool, scope: int | None) -> None:
         if pool.engine == "local" and not os.path.isdir(req.cwd):
@@ -159,14 +212,24 @@ class Runtime:
 
     def _dependencies(self, req: SubmitRequest, scope: int | None) -> list[Dependency]:
         deps = []
-        for kind, refs in (
-            (DependencyKind.SUCCESS, req.after_success),
-            (DependencyKind.FAIL, req.after_fail),
-            (DependencyKind.ANY, req.after),
+        # the new task's ancestors end only after it does: waiting for one is waiting forever
+        ancestors = [] if scope is None else [scope, *self.store.ancestor_ids(scope)]
+        for kind, field, refs in (
+            (DependencyKind.SUCCESS, "after_success", req.after_success),
+            (DependencyKind.FAIL, "after_fail", req.after_fail),
+            (DependencyKind.ANY, "after", req.after),
         ):
             for ref in _split_refs(refs):
-                upstream = self.resolver.resolve(ref, scope, field=f"after_{kind.value}")
-                deps.append(Dependency(upstream.id, kind))
+                # an ancestor by ID is said so before the resolver finds it out of scope
+                upstream_id = int(ref) if ref.isdigit() else None
+                if upstream_id not in ancestors:
+                    upstream_id = self.resolver.resolve(ref, scope, field=field).id
+                if upstream_id in ancestors:
+                    raise BadRequest(
+                        f"{field}: task {upstream_id} is an ancestor of the new task; it would "
+                        "wait for itself", field,
+                    )
+                deps.append(Dependency(upstream_id, kind))
         return deps
 
     def _insert(
@@ -184,25 +247,41 @@ class Runtime:
         )
         self.store.insert(task)
         self.store.add_dependencies(task.id, deps)
-        if req.blocking and scope is not None:
-            self.blockers[scope] = self.blockers.get(scope, 0) + 1
-            if self.blockers[scope] == 1:
-                self._lend_cpus(scope, True)
         return task
 
     def _insert_shards(self, parent: Task, req: SubmitRequest, pool: Pool) -> None:
+        """The shard set, in one bulk insert: the shards share one command, labels and
+        environment (a -N 10000 costs one statement, not 10,000)."""
         parent.command = []
         self.store.update(parent, "command")
-        for i in range(req.total_shards or 0):
-            shard = Task(
-                id=0, pool=pool.name, command=req.command, cwd=req.cwd, env=parent.env,
-                name=str(i), parent_id=parent.id,
-                labels={**req.labels, "pool": pool.name, "parent": str(parent.id)},
-                priority=req.priority, retries=req.retries, timeout_s=req.timeout_s,
-                created_at=parent.created_at, shard_id=i, total_shards=req.total_shards,
-                gang=req.gang,
-            )
-            self.store.insert(shard)
+        template = Task(
+            id=0, pool=pool.name, command=req.command, cwd=req.cwd, env=parent.env,
+            name="0", parent_id=parent.id,
+            labels={**req.labels, "pool": pool.name, "parent": str(parent.id)},
+            priority=req.priority, retries=req.retries, timeout_s=req.timeout_s,
+            created_at=parent.created_at, shard_id=0, total_shards=req.total_shards,
+            gang=req.gang,
+        )
+        self.store.insert_shards(template, req.total_shards or 0)
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One step in one transaction. On a full disk the store rolls it back whole: drop
+        from memory what it queued for tasks that are not stored, and start no new work until
+        there is space again (the OSError goes on to the caller)."""
+        try:
+            with self.store.transaction():
+                yield
+        except OSError as e:
+            if is_full(e):
+                last = self.store.last_id()  # read after the rollback: the last stored task
+                for request in self.queued.requests():
+                    if request.task_id > last:
+                        self.queued.discard(request.task_id)
+                self.remote_queue = [t for t in self.remote_queue if t <= last]
+                self.space.note_full(e)
+            raise
+        self.space.wrote()
 
     # --- state changes, one worklist so long chains never recurse
 
@@ -240,9 +319,55 @@ class Runtime:
         if not task.has_command:
             task.status, task.started_at = S.RUNNING_SUBTASKS, self.now()
             self.store.update(task, "status", "started_at")
-            return [c.id for c in self.store.children(task.id)] + [task.id]
+            return self._start_children(task)
         self._enqueue(task)
         return []
+
+    def _start_children(self, task: Task) -> list[int]:
+        """A parent starts waiting for its children: shards (no dependencies of their own)
+        queue in bulk, other children are stepped one by one."""
+        if task.total_shards is None:
+            return [c.id for c in self.store.children(task.id)] + [task.id]
+        waiting = self.store.pending_children(task.id)
+        template = self.store.get(waiting[0]) if waiting else None
+        if template is None:
+            return [task.id]
+        try:
+            job = asyncio.get_running_loop().create_task(self._enqueue_shards(template, waiting))
+        except RuntimeError:  # no loop (tests of pure steps): all at once
+            self._queue_shards(template, waiting)
+        else:
+            self._jobs.add(job)  # keep a reference until it is done
+            job.add_done_callback(self._jobs.discard)
+        return [task.id]
+
+    async def _enqueue_shards(self, template: Task, ids: list[int]) -> None:
+        """Shards queue a few hundred per transaction, letting other requests in between. One
+        cancelled meanwhile stays out; a server stopped halfway queues the rest when it
+        recovers them (PENDING shards of a started parent); on a full disk the rest waits
+        for space."""
+        for start in range(0, len(ids), BULK_STEP):
+            if start:
+                await asyncio.sleep(0)
+            try:
+                with self._writing():
+                    self._queue_shards(template, ids[start : start + BULK_STEP])
+            except OSError as e:
+                if not is_full(e):
+                    raise
+                self._queue_shards_later(template, ids[start:], e)
+                return
+
+    def _queue_shards_later(self, template: Task, ids: list[int], e: OSError) -> None:
+        self.space.keep(("shards", template.parent_id),
+                        lambda: self._later(self._enqueue_shards(template, ids)), e)
+
+    def _queue_shards(self, template: Task, ids: list[int]) -> None:
+        for task_id, shard_id in self.store.queue_pending(ids):
+            shard = copy(template)
+            shard.id, shard.shard_id, shard.name = task_id, shard_id, str(shard_id)
+            shard.status = S.QUEUED
+            self._enqueue(shard)
 
     def _status_of(self, task_id: int) -> TaskStatus:
         upstream = self.store.get(task_id)
@@ -258,18 +383,8 @@ class Runtime:
         else:
             need = self.need_of(pool) if pool else Resources(cpus=1)
             gang = task.parent_id if task.gang else None
-            self.queued.add(
-                Request(task.id, task.pool, need, task.priority, self._ancestors(task), gang)
-            )
+            self.queued.add(Request(task.id, task.pool, need, task.priority, gang))
         self._request_schedule()
-
-    def _ancestors(self, task: Task) -> tuple[int, ...]:
-        chain, parent_id = [], task.parent_id
-        while parent_id is not None:
-            chain.append(parent_id)
-            parent = self.store.get(parent_id)
-            parent_id = parent.parent_id if parent else None
-        return tuple(chain)
 
     def _settled_status(self, task: Task) -> TaskStatus:
         if task.cancel_requested:
@@ -287,30 +402,26 @@ class Runtime:
         follow = [dependent for dependent, _ in self.store.dependents(task.id)]
         if status in NEVER_RAN_STATES or status == S.CANCELLED:
             self._finalize_unstarted_children(task, status)
+        self.blocked.ended(task.id)
         if task.parent_id is not None:
-            if task.blocking:
-                self._unblock(task.parent_id)
             follow.append(task.parent_id)
         return follow
 
     def _finalize_unstarted_children(self, task: Task, status: TaskStatus) -> None:
-        for child in self.store.children(task.id):
-            if child.status in (S.PENDING, S.QUEUED) and child.started_at is None:
-                self._finalize(child, status)
+        for child in self.store.get_many(self.store.unstarted_children(task.id)):
+            self._finalize(child, status)
 
-    def _unblock(self, parent_id: int) -> None:
-        left = self.blockers.get(parent_id, 0) - 1
-        if left > 0:
-            self.blockers[parent_id] = left
-        else:
-            self.blockers.pop(parent_id, None)
-            self._lend_cpus(parent_id, False)
+    def _blocked_changed(self, task_id: int, blocked: bool) -> None:
+        """A task started or stopped waiting for its subtree: its local CPUs count as free
+        (or used) again from the next scheduling pass on."""
+        self._lend_cpus(task_id, blocked)
         self._request_schedule()
+        self._changed()
 
     def _lend_cpus(self, task_id: int, on: bool) -> None:
         """Tell the engine of a remote task that its command waits in a vrun (or stopped
-        waiting), so that the cluster lends its CPUs to the children, as the scheduler does
-        for local tasks."""
+        waiting), so that the cluster lends its CPUs meanwhile, as the scheduler does for
+        local tasks."""
         task = self.store.get(task_id)
         if task is None or not task.handle:
             return
@@ -346,45 +457,62 @@ class Runtime:
     async def schedule_once(self) -> None:
         """Start what can start: remote tasks go to their engine, local ones where the
         scheduler finds them room. Each start is committed before its process exists, so a
-        server killed in between never runs a task twice (see recover)."""
+        server killed in between never runs a task twice (see recover). On a full disk
+        nothing starts: a start is a write."""
+        if self.space.full:
+            return
         remote, self.remote_queue = self.remote_queue, []
-        placements = []
+        placements, self.reserving = [], []
         if self.queued:
             with self.queued.scan() as queue:
-                placements = schedule(queue, self._capacity())
+                placements = schedule(queue, self.free_capacity(), self.reserving)
         if not remote and not placements:
             return
-        started = []
-        with self.store.transaction():
-            for remote_task in self.store.get_many(remote):
-                if remote_task.status == S.QUEUED and remote_task.handle is None:
-                    self._new_attempt(remote_task, None)
-                    started.append(remote_task)
-            for placement in placements:
-                self.queued.discard(placement.task_id)
-                task = self.store.get(placement.task_id)
-                if task is not None and task.status == S.QUEUED:
-                    self._new_attempt(task, placement.allocation)
-                    started.append(task)
+        started: list[Task] = []
+        try:
+            with self._writing():
+                self._new_attempts(remote, placements, started)
+        except OSError as e:
+            if not is_full(e):
+                raise
+            self._unstart(remote, started)  # they wait, queued, until there is space
+            return
+        for placement in placements:
+            self.queued.discard(placement.task_id)
         for task in started:
             await self._launch(task)
         if started:
             self._changed()
 
-    def _capacity(self) -> Capacity:
+    def _new_attempts(
+        self, remote: list[int], placements: list[Placement], started: list[Task]
+    ) -> None:
+        for remote_task in self.store.get_many(remote):
+            if remote_task.status == S.QUEUED and remote_task.handle is None:
+                self._new_attempt(remote_task, None)
+                started.append(remote_task)
+        for placement in placements:
+            task = self.store.get(placement.task_id)
+            if task is not None and task.status == S.QUEUED:
+                self._new_attempt(task, placement.allocation)
+                started.append(task)
+
+    def _unstart(self, remote: list[int], started: list[Task]) -> None:
+        """A start that could not be written: its tasks stay queued, holding nothing."""
+        self.remote_queue = remote + self.remote_queue
+        for task in started:
+            self.allocs.pop(task.id, None)
+            self.alloc_pools.pop(task.id, None)
+
+    def free_capacity(self) -> Capacity:
+        """What is free: a blocked task's CPUs count as free (below zero once it takes them
+        back while others use them); GPUs stay with whoever holds them."""
         total = self.local.capacity()
-        used_cpus = sum(a.cpus for a in self.allocs.values() if a.lender is None)
+        used_cpus = sum(a.cpus for t, a in self.allocs.items() if t not in self.blocked)
         used_gpus = {g for a in self.allocs.values() for g in a.gpu_ids}
-        lendable = {}
-        for blocked in self.blockers:
-            alloc = self.allocs.get(blocked)
-            if alloc is not None:
-                borrowed = sum(a.cpus for a in self.allocs.values() if a.lender == blocked)
-                lendable[blocked] = alloc.cpus - borrowed
         return Capacity(
             free=Resources(total.cpus - used_cpus, total.gpus - len(used_gpus)),
             free_gpus=[g for g in range(total.gpus) if g not in used_gpus],
-            lendable=lendable,
             pool_slots=self._pool_slots(),
         )
 
@@ -407,27 +535,42 @@ class Runtime:
             task.handle = {"submitted": True}
         task.alloc = alloc
         task.finished_at = task.exit_code = task.signal = task.reason = None
+        task.reason_detail = None
         task.attempt += 1
         self.store.update(
             task, "status", "started_at", "alloc", "handle", "attempt", "finished_at",
-            "exit_code", "signal", "reason",
+            "exit_code", "signal", "reason", "reason_detail",
         )
         if alloc is not None:
             self.store.record_attempt(task)
 
     async def _launch(self, task: Task) -> None:
-        launch = self.launch_of(task)
-        engine = self.engine_of(task.pool)
         try:
+            launch = self.launch_of(task)
+            engine = self.engine_of(task.pool)
             handle = await engine.start(launch)
-        except EngineError as e:
-            _append(launch.stderr_path, f"velda: {e}\n")
-            self.exited(str(task.id), task.attempt, Exit(None, None, Reason.ENGINE_ERROR))
+        except Exception as e:  # whatever it is, it ends this attempt and no other
+            self._launch_failed(task, e)
             return
         if engine.places_work:
             self._keep_handle(task.id, task.attempt, handle)
+        else:
+            self.sampler.watch(launch.attempt_dir)
         if task.timeout_s:
             self._arm_timeout(task)
+
+    def _launch_failed(self, task: Task, error: Exception) -> None:
+        """The attempt could not start: it ends FAILURE (engine-error), says why in its
+        stderr and in reason_detail, and gives back what it held."""
+        detail = " ".join(_why_not_started(error).split())
+        if not isinstance(error, EngineError):
+            log.warning("task %s: %s", task.id, detail, exc_info=error)
+        try:
+            _append(self.attempt_dir(task.id, task.attempt) / "stderr", f"velda: {detail}\n")
+        except OSError:
+            pass  # no attempt directory: reason_detail still says it
+        exit = Exit(None, None, Reason.ENGINE_ERROR, detail)
+        self.exited(str(task.id), task.attempt, exit)
 
     def _keep_handle(self, task_id: int, attempt: int, handle: Handle) -> None:
         """What a remote engine needs to cancel or signal a task it has not started yet."""
@@ -441,10 +584,10 @@ class Runtime:
     def launch_of(self, task: Task) -> Launch:
         attempt_dir = self.attempt_dir(task.id, task.attempt)
         try:
-            attempt_dir.mkdir()
+            attempt_dir.mkdir(mode=0o700)  # logs are the server's alone (docs/security.md)
         except FileNotFoundError:
-            attempt_dir.parent.mkdir(parents=True, exist_ok=True)
-            attempt_dir.mkdir()
+            attempt_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            attempt_dir.mkdir(mode=0o700)
         except FileExistsError:
             pass
         pool = self.config.pool(task.pool) or self.pool(None)
@@ -462,6 +605,7 @@ class Runtime:
 
     def _task_env(self, task: Task, pool: Pool, gpu_ids: tuple[int, ...]) -> dict[str, str]:
         env = self.store.env_of(task.id)
+        env.setdefault("PYTHONUNBUFFERED", "1")  # a task's output is a file: stream it anyway
         cpus = task.alloc.cpus if task.alloc else pool.resources.cpus
         env.update(
             VELDA_TASK_ID=str(task.id), VELDA_TASK_NAME=task.name or "", VELDA_POOL=task.pool,
@@ -470,6 +614,9 @@ class Runtime:
         )
         if pool.engine == "local":
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
+            # where a client in the task finds (or starts) the server after a restart, when
+            # the server could not get VELDA_SERVER's port back
+            env["VELDA_HOME"] = str(self.home)
         if task.shard_id is not None:
             env["VELDA_SHARD_ID"] = str(task.shard_id)
             env["VELDA_TOTAL_SHARDS"] = str(task.total_shards)
@@ -478,10 +625,21 @@ class Runtime:
     # --- engine events
 
     def running(self, task_id: str, attempt: int, handle: Handle) -> None:
-        task = self.store.get(int(task_id))
+        try:
+            self._commit_running(int(task_id), attempt, handle)
+        except OSError as e:
+            if not is_full(e):
+                raise
+            self.space.keep(
+                ("running", task_id, attempt),
+                lambda: self._commit_running(int(task_id), attempt, handle), e,
+            )
+
+    def _commit_running(self, task_id: int, attempt: int, handle: Handle) -> None:
+        task = self.store.get(task_id)
         if task is None or task.attempt != attempt or task.status.is_final():
             return
-        with self.store.transaction():
+        with self._writing():
             task.handle = handle
             fields = ["handle"]
             if task.status == S.QUEUED:  # engines that place work themselves
@@ -492,12 +650,26 @@ class Runtime:
         self._changed()
 
     def exited(self, task_id: str, attempt: int, exit: Exit) -> None:
-        task = self.store.get(int(task_id))
+        """An attempt ended. An exit that finds the disk full is kept in memory and written
+        as soon as there is space (the status file keeps it across a restart too)."""
+        self.sampler.unwatch(self.attempt_dir(int(task_id), attempt))
+        try:
+            self._commit_exit(int(task_id), attempt, exit)
+        except OSError as e:
+            if not is_full(e):
+                raise
+            self.space.keep(
+                ("exit", task_id, attempt), lambda: self._commit_exit(int(task_id), attempt, exit),
+                e,
+            )
+
+    def _commit_exit(self, task_id: int, attempt: int, exit: Exit) -> None:
+        task = self.store.get(task_id)
         if task is None or task.attempt != attempt or task.finished_at is not None:
             return
         if task.status.is_final():
             return
-        with self.store.transaction():
+        with self._writing():
             self._record_exit(task, exit)
             if self._should_retry(task):
                 self._requeue(task)
@@ -516,7 +688,8 @@ class Runtime:
             reason = Reason.TIMEOUT
         task.finished_at = self.now()
         task.exit_code, task.signal, task.reason = exit.exit_code, exit.signal, reason
-        self.store.update(task, "finished_at", "exit_code", "signal", "reason")
+        task.reason_detail = exit.detail
+        self.store.update(task, "finished_at", "exit_code", "signal", "reason", "reason_detail")
         self.store.record_attempt(task)
 
     def _should_retry(self, task: Task) -> bool:
@@ -549,18 +722,29 @@ class Runtime:
         with self.store.transaction():
             task.handle = {**(task.handle or {}), "timed_out": True}
             self.store.update(task, "handle")
-        await self.engine_of(task.pool).cancel(task.handle, CANCEL_GRACE_S)
+        await self._stop(task)
 
     # --- cancel, signal
 
     async def cancel(self, root_id: int) -> None:
+        """Waiting tasks of the subtree end CANCELLED in bulk; each running one is stopped,
+        and ends CANCELLED when its process is gone."""
         to_stop = []
-        with self.store.transaction():
-            for task in reversed(self.store.get_many(self.store.subtree_ids(root_id))):
+        ids = self.store.subtree_ids(root_id)
+        with self._writing():
+            self.store.request_cancel(ids)
+        for task_id in ids:
+            self.queued.discard(task_id)  # none of them starts from now on
+        cancelled: set[int] = set()
+        for start in range(0, len(ids), BULK_STEP):  # a big shard set lets other requests in
+            with self._writing():
+                cancelled |= self._cancel_waiting(ids[start : start + BULK_STEP])
+            await asyncio.sleep(0)
+        with self._writing():
+            rest = [i for i in ids if i not in cancelled]
+            for task in reversed(self.store.get_many(rest)):
                 if task.status.is_final():
                     continue
-                task.cancel_requested = True
-                self.store.update(task, "cancel_requested")
                 if self._own_command_running(task):
                     to_stop.append(task)
                 elif task.status in (S.PENDING, S.QUEUED):
@@ -568,34 +752,86 @@ class Runtime:
                 else:
                     self._cascade([task.id])
         for task in to_stop:
-            await self.engine_of(task.pool).cancel(task.handle or {}, CANCEL_GRACE_S)
+            await self._stop(task)
         self._changed()
+
+    async def _stop(self, task: Task) -> None:
+        """Ask the engine to stop the attempt; whatever the engine does (no process, no
+        handle, an error), the attempt ends within the grace period."""
+        try:
+            await self.engine_of(task.pool).cancel(task.handle or {}, self.cancel_grace_s)
+        except Exception:
+            log.exception("task %s: the engine could not cancel it", task.id)
+        self.deadlines[task.id] = asyncio.get_running_loop().call_later(
+            self.cancel_grace_s + REPORT_SLACK_S, self._end_if_still_running, task.id,
+            task.attempt,
+        )
+
+    def _end_if_still_running(self, task_id: int, attempt: int) -> None:
+        self.deadlines.pop(task_id, None)
+        task = self.store.get(task_id)
+        if task is None or task.attempt != attempt or task.finished_at is not None:
+            return
+        if task.status not in (S.RUNNING, S.QUEUED):
+            return
+        detail = (f"its engine did not report the end within the {self.cancel_grace_s:g} s "
+                  "grace period; velda ended it")
+        self.exited(str(task_id), attempt, Exit(None, None, Reason.CANCELLED, detail))
+
+    def _cancel_waiting(self, ids: list[int]) -> set[int]:
+        """What _finalize does for each task, for every waiting task of `ids` at once."""
+        ended = self.store.cancel_waiting(ids, self.now())
+        for task_id, _ in ended:
+            self.queued.discard(task_id)
+            self._release(task_id)
+            self.blocked.ended(task_id)
+        done = {task_id for task_id, _ in ended}
+        parents = {p for _, p in ended if p is not None and p not in done}
+        follow = [t for t in self.store.dependents_of(sorted(done)) if t not in done]
+        self._cascade(follow + sorted(parents))
+        return done
 
     def _own_command_running(self, task: Task) -> bool:
         if task.status == S.RUNNING:
             return True
         return task.status == S.QUEUED and task.handle is not None  # submitted to an engine
 
-    async def retry(self, task_id: int) -> None:
+    async def retry(self, task_id: int, key: str | None = None) -> None:
+        """Reopen a task; a repeated `key` (the same request again) reopens nothing."""
+        if key and self.store.retry_key(task_id) == key:
+            return
         task = self.store.get(task_id)
         if task is None or not task.status.is_final():
             raise BadRequest(f"task {task_id} has not ended; nothing to retry", "id", 409)
         if task.status == S.SUCCESS:
             raise BadRequest(f"task {task_id} succeeded; nothing to retry", "id", 409)
         with self.store.transaction():
+            if key:
+                self.store.set_retry_key(task_id, key)
             self._cascade(reopen(self.store, task))
         self._changed()
 
     async def pool_usage(self) -> list[dict[str, object]]:
-        names = set(self.config.pools) | {self.config.default_pool}
-        names |= {r.pool for r in self.queued.requests()} | set(self.alloc_pools.values())
-        return [await self._usage_of(self.pool(name)) for name in sorted(names)]
+        """Every configured pool, `shell`, and each built-in cpu-N/gpu-N that tasks in the
+        store use, with their counts (one pass over the store)."""
+        counts = self.store.pool_counts()
+        names = set(self.config.pools) | {self.config.default_pool, "shell"} | set(counts)
+        pools = [p for p in map(self.config.pool, sorted(names)) if p is not None]
+        return [await self._usage_of(pool, counts.get(pool.name, {})) for pool in pools]
 
-    async def _usage_of(self, pool: Pool) -> dict[str, object]:
+    def machine_usage(self) -> dict[str, float]:
+        """This machine's CPUs and GPUs for local pools: in all, held by running tasks, free."""
+        total, free = self.local.capacity(), self.free_capacity().free
+        return {
+            "cpus": total.cpus, "cpus_used": total.cpus - max(free.cpus, 0.0),
+            "cpus_free": max(free.cpus, 0.0),
+            "gpus": total.gpus, "gpus_used": total.gpus - free.gpus, "gpus_free": free.gpus,
+        }
+
+    async def _usage_of(self, pool: Pool, counts: dict[str, int]) -> dict[str, object]:
         error, capacity = None, None
         try:
-            engine = self.engine_of(pool.name)
-            await engine.check(pool)
+            await self.check_pool(pool)
         except EngineError as e:
             error = str(e)
         if pool.engine == "local":
@@ -606,8 +842,9 @@ class Runtime:
             "resources": {"cpus": r.cpus, "gpus": r.gpus, "memory_mb": r.memory_mb,
                           **dict(r.custom)},
             "capacity": capacity,
-            "running": self.store.count_in_pool(pool.name, (S.RUNNING,)),
-            "queued": self.store.count_in_pool(pool.name, (S.QUEUED, S.PENDING)),
+            "running": counts.get(S.RUNNING.value, 0),
+            "queued": counts.get(S.QUEUED.value, 0) + counts.get(S.PENDING.value, 0),
+            "configured": pool.name in self.config.pools,
             "error": error,
         }
 
@@ -624,17 +861,42 @@ class Runtime:
         (their processes kept running while the server was down)."""
         open_tasks = self.store.open_tasks()
         for task in open_tasks:
-            if task.blocking and task.parent_id is not None:
-                self.blockers[task.parent_id] = self.blockers.get(task.parent_id, 0) + 1
             if task.status == S.RUNNING and task.alloc is not None:
                 self.allocs[task.id] = task.alloc
                 self.alloc_pools[task.id] = task.pool
         for task in open_tasks:
-            await self._recover_one(task)
-        for parent_id in list(self.blockers):
-            self._lend_cpus(parent_id, True)  # the last word may not have reached the node
+            await self._recover_safely(task)
+        self._recover_blocked(open_tasks)
         self._changed()
         self._request_schedule()
+
+    def _recover_blocked(self, open_tasks: list[Task]) -> None:
+        """A parent whose `vrun` child is still open waits again, until the `vrun` inside it
+        reconnects (and from then on for as long as it follows); this also tells a remote
+        engine again, in case its last word never reached the node."""
+        for task in open_tasks:
+            if task.blocking and task.parent_id is not None:
+                now = self.store.get(task.id)
+                if now is not None and not now.status.is_final():
+                    self.blocked.submitted(task.id, task.parent_id)
+
+    async def _recover_safely(self, task: Task) -> None:
+        """A server starts on a full disk too: what it cannot write yet waits for space."""
+        try:
+            await self._recover_one(task)
+        except OSError as e:
+            if not is_full(e):
+                raise
+
+            def again() -> None:
+                self._later(self._recover_safely(task))
+
+            self.space.keep(("recover", task.id), again, e)
+
+    def _later(self, job: Coroutine[Any, Any, None]) -> None:
+        future = asyncio.get_running_loop().create_task(job)
+        self._jobs.add(future)  # keep a reference until it is done
+        future.add_done_callback(self._jobs.discard)
 
     async def _recover_one(self, task: Task) -> None:
         if task.status == S.QUEUED and task.handle is None:
@@ -658,10 +920,28 @@ class Runtime:
                 self.store.update(task, "attempt", "status")
                 self._enqueue(task)
             return
+        except Exception as e:  # the engine cannot find it again: it must not stay RUNNING
+            log.warning("task %s: cannot find it again: %s", task.id, e)
+            detail = f"its engine could not find it again after a restart: {e}"
+            self.exited(str(task.id), task.attempt, Exit(None, None, Reason.LOST, detail))
+            return
+        self._watch_adopted(task)
         if task.timeout_s and task.status == S.RUNNING:
             self._arm_timeout(task)
 
+    def _watch_adopted(self, task: Task) -> None:
+        """Go on indexing the logs of an adopted local attempt that is still running."""
+        now = self.store.get(task.id)
+        if now is None or now.finished_at is not None or now.status != S.RUNNING:
+            return
+        if not self.engine_of(task.pool).places_work:
+            self.sampler.watch(self.attempt_dir(task.id, task.attempt))
+
     async def close(self) -> None:
+        self.sampler.close()
+        self.space.close()
+        for deadline in self.deadlines.values():
+            deadline.cancel()
         for timer in self.timers.values():
             timer.cancel()
         for engine in self.engines.values():
@@ -675,6 +955,15 @@ class Runtime:
 
 def _split_refs(refs: list[str]) -> list[str]:
     return [r.strip() for ref in refs for r in ref.split(",") if r.strip()]
+
+
+def _why_not_started(error: Exception) -> str:
+    if isinstance(error, EngineError):
+        return str(error)
+    if isinstance(error, OSError) and error.strerror:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"cannot start: {error.strerror}{where}"
+    return f"cannot start: {type(error).__name__}: {error}"
 
 
 def _append(path: Path, text: str) -> None:

@@ -6,7 +6,9 @@ so a server killed at any moment leaves either all or none of a step on disk.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -24,7 +26,10 @@ from velda.models import (
     Task,
     TaskStatus,
 )
+from velda.store import clean
 
+_SQLITE_FULL = 13  # the primary result code of "database or disk is full"
+_SQLITE_IOERR_SHMSIZE = 4874  # no room for the WAL's shared-memory file
 _FINAL_SQL = ",".join(f"'{s.value}'" for s in FINAL_STATES)
 
 SCHEMA = f"""
@@ -86,10 +91,15 @@ CREATE TABLE IF NOT EXISTS attempts (
 );
 """
 
+# Kept out of Task: the key a client sent with the submit that made the task, and the key of
+# the last retry applied to it, so a request repeated after a lost answer changes nothing.
+# (reason_detail is a field of Task: why its attempt ended, in words.)
+_ADDED_COLUMNS = (("idempotency_key", "TEXT"), ("retry_key", "TEXT"), ("reason_detail", "TEXT"))
+
 _COLUMNS = (
     "id parent_id name status pool command env cwd labels priority attempt retries timeout_s "
     "exit_code signal reason created_at started_at finished_at resolved_at blocking shard_id "
-    "total_shards gang handle alloc cancel_requested"
+    "total_shards gang handle alloc cancel_requested reason_detail"
 ).split()
 _JSON_COLUMNS = {"command", "env", "labels", "handle"}
 # Reads leave out the environment, by far the largest column: only starting a task and its
@@ -113,27 +123,112 @@ def _encode(column: str, value: Any) -> Any:
 def _decode(row: sqlite3.Row) -> Task:
     values = dict(zip(_READ_COLUMNS, row, strict=True))
     values["env"] = {}
-    for column in _JSON_COLUMNS - {"env"}:
-        if values[column] is not None:
-            values[column] = json.loads(values[column])
-    if values["alloc"] is not None:
-        alloc = json.loads(values["alloc"])
-        values["alloc"] = Allocation(alloc["cpus"], tuple(alloc["gpu_ids"]), alloc["lender"])
-    values["status"] = TaskStatus(values["status"])
-    values["reason"] = Reason(values["reason"]) if values["reason"] else None
+    # Total: whatever a column holds, the task reads back as something showable (clean.py).
+    values["command"] = clean.str_list(values["command"])
+    values["labels"] = clean.str_dict(values["labels"])
+    values["handle"] = clean.any_dict(values["handle"])
+    values["timeout_s"] = clean.timeout(values["timeout_s"])
+    alloc = clean.any_dict(values["alloc"])
+    if alloc is not None:
+        values["alloc"] = _allocation(alloc)
+    values["status"] = clean.status(values["status"])
+    values["reason"] = clean.reason(values["reason"])
     for flag in ("blocking", "gang", "cancel_requested"):
         values[flag] = bool(values[flag])
     return Task(**values)
 
 
+class StoreFull(OSError):
+    """No space left on the device holding the store; the transaction was rolled back.
+    An OSError with errno ENOSPC, like a full disk met by any other write."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """SQLite's SQLITE_FULL ("database or disk is full") or an OSError ENOSPC."""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    if isinstance(e, sqlite3.DatabaseError):
+        code = getattr(e, "sqlite_errorcode", None)
+        return (code is not None and code & 0xFF == _SQLITE_FULL) or "disk is full" in str(e)
+    return False
+
+
+def _chunks(ids: list[int], size: int = 1000) -> Iterator[list[int]]:
+    """Slices small enough for SQLite's limit on bound parameters."""
+    for i in range(0, len(ids), size):
+        yield ids[i : i + size]
+
+
+def _marks(values: list[int]) -> str:
+    return ",".join("?" * len(values))
+
+
+def _allocation(alloc: dict[str, Any]) -> Allocation | None:
+    try:
+        return Allocation(float(alloc["cpus"]), tuple(int(g) for g in alloc["gpu_ids"]))
+    except (KeyError, TypeError, ValueError):
+        return None  # ignore "lender", and an allocation that does not parse
+
+
+def _connect(path: Path, exclusive: bool) -> sqlite3.Connection:
+    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    try:
+        if exclusive:
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # opens the WAL index
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 class SqliteStore:
     def __init__(self, path: Path | str) -> None:
-        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        self.path = Path(path)
+        try:
+            self.db = _connect(self.path, exclusive=False)
+        except sqlite3.OperationalError as e:
+            if not (is_disk_full(e) or getattr(e, "sqlite_errorcode", 0) == _SQLITE_IOERR_SHMSIZE):
+                raise
+            # no room for the shared-memory index of the WAL: keep it in this process's memory
+            # (only this server opens the store), so that a server starts on a full disk
+            self.db = _connect(self.path, exclusive=True)
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=OFF")
         self.db.executescript(SCHEMA)
+        self._migrate()
+        self.db.text_factory = clean.text_of
         self._depth = 0
+        self._repair()
+
+    def _repair(self) -> None:
+        """Rewrite rows a check at the door would refuse (written before it existed). Reads
+        are total anyway, so a store that cannot be written now (a full disk) still opens."""
+        try:
+            with self.transaction():
+                clean.repair(self.db)
+        except StoreFull:
+            pass
+
+    def _migrate(self) -> None:
+        """Columns added since the first release, added to a store made before them."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(tasks)")}
+        for column, kind in _ADDED_COLUMNS:
+            if column not in have:
+                try:
+                    self.db.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
+                except sqlite3.OperationalError as e:  # the one start-up write that must be
+                    if is_disk_full(e):
+                        raise StoreFull(self.path) from e
+                    raise
+        self.db.execute(
+            "CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency_key ON tasks(idempotency_key) "
+            "WHERE idempotency_key IS NOT NULL"
+        )
 
     def close(self) -> None:
         self.db.close()
@@ -152,11 +247,15 @@ class SqliteStore:
         self._depth = 1
         try:
             yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        else:
             self.db.execute("COMMIT")
+        except BaseException as e:
+            # SQLite may have rolled back already (a full disk does that); a failed COMMIT
+            # leaves the transaction open
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            if is_disk_full(e):
+                raise StoreFull(self.path) from e
+            raise
         finally:
             self._depth = 0
 
@@ -177,6 +276,78 @@ class SqliteStore:
         )
         return task.id
 
+    def insert_shards(self, template: Task, count: int) -> None:
+        """`count` shards of one parent, each `template` with its own shard_id and name, in
+        one INSERT ... SELECT and their labels in one more per label: the rows are made inside
+        SQLite, not sent one by one. The environment is not stored again for each shard
+        (env_of reads the parent's)."""
+        columns = [c for c in _COLUMNS if c not in ("id", "name", "shard_id")]
+        values = [_encode(c, getattr(template, c)) for c in columns]
+        values[columns.index("env")] = "{}"
+        marks = ",".join("?" * len(columns))
+        self.db.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?) "
+            f"INSERT INTO tasks ({','.join(columns)}, name, shard_id) "
+            f"SELECT {marks}, CAST(i AS TEXT), i FROM n ORDER BY i",
+            [count, *values],
+        )
+        for key, value in template.labels.items():
+            self.db.execute(
+                "INSERT INTO labels (task_id, key, value) SELECT id, ?, ? FROM tasks "
+                "WHERE parent_id = ? AND shard_id IS NOT NULL",
+                (key, value, template.parent_id),
+            )
+
+    def pending_children(self, parent_id: int) -> list[int]:
+        rows = self.db.execute(
+            "SELECT id FROM tasks WHERE parent_id=? AND status=? ORDER BY id",
+            (parent_id, TaskStatus.PENDING.value),
+        )
+        return [r[0] for r in rows]
+
+    def queue_pending(self, ids: list[int]) -> list[tuple[int, int | None]]:
+        """Those of `ids` PENDING and not asked to cancel become QUEUED, in one statement;
+        (id, shard_id) of each, in ID order."""
+        rows = self.db.execute(
+            f"UPDATE tasks SET status=? WHERE id IN ({_marks(ids)}) AND status=? "
+            "AND cancel_requested=0 RETURNING id, shard_id",
+            [TaskStatus.QUEUED.value, *ids, TaskStatus.PENDING.value],
+        ).fetchall()
+        return sorted(rows)
+
+    def unstarted_children(self, parent_id: int) -> list[int]:
+        """Children PENDING or QUEUED that never started: IDs only, so a parent with 10,000
+        finished shards costs one indexed query."""
+        rows = self.db.execute(
+            "SELECT id FROM tasks WHERE parent_id=? AND status IN (?, ?) AND started_at IS NULL "
+            "ORDER BY id",
+            (parent_id, TaskStatus.PENDING.value, TaskStatus.QUEUED.value),
+        )
+        return [r[0] for r in rows]
+
+    def request_cancel(self, ids: list[int]) -> None:
+        """Mark the open tasks of `ids` as asked to cancel, a thousand per statement."""
+        for chunk in _chunks(ids):
+            self.db.execute(
+                f"UPDATE tasks SET cancel_requested=1 WHERE id IN ({_marks(chunk)}) "
+                f"AND status NOT IN ({_FINAL_SQL})",
+                chunk,
+            )
+
+    def cancel_waiting(self, ids: list[int], now: float) -> list[tuple[int, int | None]]:
+        """Of `ids`, those PENDING or QUEUED and not handed to an engine become CANCELLED, a
+        thousand per statement; (id, parent_id) of each."""
+        ended: list[tuple[int, int | None]] = []
+        for chunk in _chunks(ids):
+            ended += self.db.execute(
+                "UPDATE tasks SET status=?, resolved_at=?, cancel_requested=1 "
+                f"WHERE id IN ({_marks(chunk)}) AND status IN (?, ?) AND handle IS NULL "
+                "RETURNING id, parent_id",
+                [TaskStatus.CANCELLED.value, now, *chunk, TaskStatus.PENDING.value,
+                 TaskStatus.QUEUED.value],
+            ).fetchall()
+        return ended
+
     def update(self, task: Task, *fields: str) -> None:
         sets = ",".join(f"{f}=?" for f in fields)
         values = [_encode(f, getattr(task, f)) for f in fields]
@@ -188,9 +359,33 @@ class SqliteStore:
         ).fetchone()
         return _decode(row) if row else None
 
+    def by_idempotency_key(self, key: str) -> Task | None:
+        row = self.db.execute(
+            f"SELECT {_READ} FROM tasks WHERE idempotency_key=?", (key,)
+        ).fetchone()
+        return _decode(row) if row else None
+
+    def set_idempotency_key(self, task_id: int, key: str) -> None:
+        self.db.execute("UPDATE tasks SET idempotency_key=? WHERE id=?", (key, task_id))
+
+    def retry_key(self, task_id: int) -> str | None:
+        row = self.db.execute("SELECT retry_key FROM tasks WHERE id=?", (task_id,)).fetchone()
+        return row[0] if row else None
+
+    def set_retry_key(self, task_id: int, key: str) -> None:
+        self.db.execute("UPDATE tasks SET retry_key=? WHERE id=?", (key, task_id))
+
     def env_of(self, task_id: int) -> dict[str, str]:
-        row = self.db.execute("SELECT env FROM tasks WHERE id=?", (task_id,)).fetchone()
-        return json.loads(row[0]) if row else {}
+        """A shard stores no environment of its own: it has its parent's (insert_shards)."""
+        row = self.db.execute(
+            "SELECT t.env, t.shard_id, p.env FROM tasks t LEFT JOIN tasks p ON p.id = t.parent_id "
+            "WHERE t.id=?",
+            (task_id,),
+        ).fetchone()
+        if row is None:
+            return {}
+        own, shard_id, parents = row
+        return clean.str_dict(parents if shard_id is not None and parents else own)
 
     def get_many(self, ids: Iterable[int]) -> list[Task]:
         ids = list(ids)
@@ -243,7 +438,7 @@ class SqliteStore:
             parent_ids,
         )
         for parent_id, status, n in rows:
-            counts[parent_id].count(TaskStatus(status), n)
+            counts[parent_id].count(clean.status(status), n)
         return counts
 
     def subtree_ids(self, root_id: int) -> list[int]:
@@ -256,6 +451,21 @@ class SqliteStore:
         ).fetchall()
         return [r[0] for r in rows]
 
+    def last_id(self) -> int:
+        row = self.db.execute("SELECT MAX(id) FROM tasks").fetchone()
+        return int(row[0] or 0)
+
+    def ancestor_ids(self, task_id: int) -> list[int]:
+        """The parent of task_id, its parent, and so on to the top level: nearest first,
+        in one query."""
+        rows = self.db.execute(
+            "WITH RECURSIVE up(id, depth) AS (SELECT parent_id, 1 FROM tasks WHERE id = ? "
+            "UNION ALL SELECT t.parent_id, up.depth + 1 FROM tasks t JOIN up ON t.id = up.id) "
+            "SELECT id FROM up WHERE id IS NOT NULL ORDER BY depth",
+            (task_id,),
+        ).fetchall()
+        return [r[0] for r in rows]
+
     def subtree_counts(self, root_id: int) -> Children:
         counts = Children()
         rows = self.db.execute(
@@ -265,7 +475,7 @@ class SqliteStore:
             (root_id,),
         )
         for status, n in rows:
-            counts.count(TaskStatus(status), n)
+            counts.count(clean.status(status), n)
         return counts
 
     def query(
@@ -340,6 +550,16 @@ class SqliteStore:
             found[task_id].append(Dependency(upstream, DependencyKind(kind)))
         return found
 
+    def dependents_of(self, upstream_ids: list[int]) -> list[int]:
+        """The tasks that depend on any of `upstream_ids`, each once."""
+        found: set[int] = set()
+        for chunk in _chunks(upstream_ids):
+            rows = self.db.execute(
+                f"SELECT task_id FROM deps WHERE upstream_id IN ({_marks(chunk)})", chunk
+            )
+            found.update(r[0] for r in rows)
+        return sorted(found)
+
     def dependents(self, upstream_id: int) -> list[tuple[int, DependencyKind]]:
         """(dependent task id, kind) of the tasks that depend on upstream_id."""
         rows = self.db.execute(
@@ -377,6 +597,15 @@ class SqliteStore:
     def status_counts(self) -> dict[str, int]:
         rows = self.db.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status")
         return {status: n for status, n in rows}
+
+    def pool_counts(self) -> dict[str, dict[str, int]]:
+        """pool -> status -> how many tasks, for every pool any stored task names."""
+        counts: dict[str, dict[str, int]] = {}
+        for pool, status, n in self.db.execute(
+            "SELECT pool, status, COUNT(*) FROM tasks GROUP BY pool, status"
+        ):
+            counts.setdefault(pool, {})[status] = n
+        return counts
 
     def count_in_pool(self, pool: str, statuses: tuple[TaskStatus, ...]) -> int:
         marks = ",".join("?" * len(statuses))

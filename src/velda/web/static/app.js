@@ -225,7 +225,11 @@
     const pct = (n) => (100 * n) / c.total + "%";
     const seg = (cls, n, what) =>
       n ? h("span", { class: "seg " + cls, style: { width: pct(n) }, title: `${n} ${what}` }) : null;
-    const done = c.succeeded + c.failed;
+    // cancelled and skipped children are neither succeeded nor failed (skipped counts as
+    // fine for the parent's outcome, cancelled does not)
+    const cancelled = c.cancelled || 0;
+    const skipped = c.skipped || 0;
+    const done = c.succeeded + c.failed + cancelled + skipped;
     return h(
       "div",
       { class: "progress", title: progressTitle(c) },
@@ -233,7 +237,9 @@
         "div",
         { class: "bar" },
         seg("ok", c.succeeded, "succeeded"),
+        seg("skip", skipped, "skipped"),
         seg("bad", c.failed, "failed"),
+        seg("cancel", cancelled, "cancelled"),
         seg("run", c.running, "running"),
         seg("wait", c.queued, "queued"),
       ),
@@ -242,13 +248,15 @@
         { class: "count" },
         `${done}/${c.total}`,
         c.failed ? h("span", { class: "failed-count" }, ` · ${c.failed} failed`) : null,
+        cancelled ? h("span", { class: "cancelled-count" }, ` · ${cancelled} cancelled`) : null,
       ),
     );
   }
 
   function progressTitle(c) {
+    const extra = ["cancelled", "skipped"].filter((k) => c[k]).map((k) => `${c[k]} ${k}, `).join("");
     return (
-      `${c.succeeded} succeeded, ${c.failed} failed, ${c.running} running, ` +
+      `${c.succeeded} succeeded, ${c.failed} failed, ${extra}${c.running} running, ` +
       `${c.queued} queued of ${c.total}`
     );
   }
@@ -478,9 +486,12 @@
 
     reset() {
       this.gen = (this.gen || 0) + 1; // reads in flight for an older view are dropped
-      const fresh = () => ({ offset: 0, decoder: new TextDecoder() });
-      this.streams = { stdout: fresh(), stderr: fresh() };
-      this.parts = []; // [{stream, text}] in arrival order: the combined view
+      // One read serves all three views: the combined stream, each piece marked with its
+      // stream, in the order the task wrote them (the server keeps that order).
+      this.offset = 0;
+      this.started = undefined; // where the page's view of the merged stream begins
+      this.decoders = { stdout: new TextDecoder(), stderr: new TextDecoder() };
+      this.parts = []; // [{stream, text}] in written order: the combined view
       this.dropped = false;
       this.pre.replaceChildren();
       this.pre.dataset.empty = "No output yet";
@@ -518,7 +529,7 @@
         attempts
           .slice()
           .reverse()
-          .map((a) => h("option", { value: a.attempt === task.attempt ? "" : String(a.attempt) }, `Attempt ${a.attempt}`)),
+          .map((a) => h("option", { value: a.attempt === task.attempt ? "" : String(a.attempt) }, attemptText(task, a))),
       );
       sel.value = this.attempt || "";
     }
@@ -531,23 +542,27 @@
 
     async load() {
       const last = this.final; // final before the read: this read has everything there is
-      await this.read("stdout");
-      await this.read("stderr");
+      await this.read();
       if (last) this.pre.dataset.empty = "No output";
       return !last;
     }
 
-    async read(stream) {
-      const s = this.streams[stream];
-      const q = new URLSearchParams({ stream, offset: s.offset });
+    async read() {
+      const q = new URLSearchParams({ stream: "combined", framed: "1", offset: this.offset });
+      const first = this.started === undefined;
+      if (first) q.set("tail", LOG_KEEP_CHARS); // a long log: only its end is in the page
       if (this.attempt) q.set("attempt", this.attempt);
       const gen = this.gen;
       const resp = await api(`${taskPath(this.taskId)}/logs?${q}`);
-      const { tail, total } = await readTail(resp, LOG_KEEP_CHARS);
+      const start = Number(resp.headers.get("X-Velda-Offset") || this.offset);
+      const { frames, total, dropped } = await readFrames(resp, LOG_KEEP_CHARS);
       if (gen !== this.gen) return;
-      s.offset += total;
-      if (tail.byteLength < total) this.truncated();
-      if (tail.byteLength) this.append(stream, s.decoder.decode(tail, { stream: true }));
+      if (first) this.started = start;
+      this.offset = start + total;
+      if (dropped || (first && start > 0)) this.truncated();
+      for (const [stream, bytes] of frames) {
+        this.append(stream, this.decoders[stream].decode(bytes, { stream: true }));
+      }
     }
 
     append(stream, raw) {
@@ -607,6 +622,31 @@
 
   // Reads a response body keeping only its last `keep` bytes: a log of gigabytes streams
   // through without piling up in the page.
+  // The frames of a framed log read ("o 12\n" + 12 bytes of stdout, "e ..." for stderr),
+  // keeping only the last `keep` bytes of them; total counts every payload byte.
+  async function readFrames(resp, keep) {
+    const { tail } = await readTail(resp, Infinity);
+    const frames = [];
+    let at = 0;
+    let total = 0;
+    while (at < tail.byteLength) {
+      const nl = tail.indexOf(10, at);
+      if (nl < 0) break;
+      const [kind, size] = new TextDecoder().decode(tail.subarray(at, nl)).split(" ");
+      const n = Number(size);
+      frames.push([kind === "e" ? "stderr" : "stdout", tail.subarray(nl + 1, nl + 1 + n)]);
+      total += n;
+      at = nl + 1 + n;
+    }
+    let size = total;
+    let dropped = false;
+    while (frames.length > 1 && size - frames[0][1].byteLength >= keep) {
+      size -= frames.shift()[1].byteLength;
+      dropped = true;
+    }
+    return { frames, total, dropped };
+  }
+
   async function readTail(resp, keep) {
     const reader = resp.body.getReader();
     const chunks = [];
@@ -688,6 +728,7 @@
       document.title = `${task.name || "Task " + task.id} · velda`;
       setText($("#task-title"), task.name || commandLine(task.command) || "Task " + task.id);
       replaceKids($("#task-status"), statusBadge(task.status));
+      this.renderWaiting(task.waiting_for);
       this.renderCrumbs(task);
       replaceKids($("#details"), props(detailRows(task)));
       replaceKids($("#timing"), props(timingRows(task)), attemptsTable(task));
@@ -696,6 +737,14 @@
       this.renderEnv(task);
       $("#cancel").hidden = FINAL.has(task.status);
       $("#retry").hidden = !FINAL.has(task.status) || task.status === "SUCCESS";
+    }
+
+    // why a PENDING or QUEUED task has not started, in one line under its status
+    renderWaiting(waiting) {
+      const el = $("#task-waiting");
+      el.hidden = !waiting;
+      el.classList.toggle("never", Boolean(waiting && waiting.never));
+      setText(el, waiting ? `Waiting: ${waiting.message}` : "");
     }
 
     renderCrumbs(task) {
@@ -791,17 +840,33 @@
 
   function timingRows(t) {
     const at = (iso) => (iso ? h("span", {}, fmtTime(ms(iso)), " ", h("span", { class: "muted" }, "(", timeAgo(iso), ")")) : null);
+    // Only what is true in this state: a parent whose own command ended still runs.
+    const final = FINAL.has(t.status);
+    const parent = t.status === "RUNNING_SUBTASKS" || (t.children && t.children.total > 0);
+    const open = t.children ? t.children.running + t.children.queued : 0;
     return [
       ["Created", at(t.created_at)],
       ["Started", at(t.started_at)],
-      ["Finished", at(t.finished_at)],
-      ["Resolved", at(t.resolved_at)],
-      ["Duration", t.started_at ? durationEl(t) : null],
+      [parent ? "Own command ended" : "Finished", at(t.finished_at)],
+      ["Waiting for", t.status === "RUNNING_SUBTASKS" ? `${open} open ${open === 1 ? "child" : "children"}` : null],
+      ["Resolved", final ? at(t.resolved_at) : null],
+      [final ? "Duration" : "Running for", t.started_at ? durationEl(t) : null],
       ["Exit code", t.exit_code !== null && t.exit_code !== undefined ? h("span", { class: t.exit_code ? "bad mono" : "mono" }, String(t.exit_code)) : null],
       ["Signal", t.signal ? h("span", { class: "bad mono" }, String(t.signal)) : null],
-      ["Reason", t.reason ? h("span", { class: "bad" }, t.reason) : null],
-      ["Attempt", `${t.attempt} of ${1 + (t.retries || 0)}${t.attempt > 1 + (t.retries || 0) ? " (retried by hand)" : ""}`],
+      ["Reason", t.reason ? h("span", { class: "bad" }, t.reason_detail ? `${t.reason}: ${t.reason_detail}` : t.reason) : null],
+      ["Attempt", t.attempt ? attemptText(t, (t.attempts || []).find((a) => a.attempt === t.attempt)).replace(/^attempt /, "") : null],
     ];
+  }
+
+  // "attempt 2 (retried by hand)", "attempt 2 (automatic retry 1 of 3)": `cause` comes from
+  // the API (first, retry: --retries, hand: velda task retry).
+  function attemptText(t, a) {
+    const n = a ? a.attempt : t.attempt;
+    const cause = a ? a.cause : n === 1 ? "first" : null;
+    if (cause === "hand") return `attempt ${n} (retried by hand)`;
+    if (cause === "retry") return `attempt ${n} (automatic retry ${n - 1} of ${t.retries})`;
+    if (cause === "first" && t.retries) return `attempt ${n} (up to ${t.retries} automatic ${t.retries === 1 ? "retry" : "retries"})`;
+    return `attempt ${n}`;
   }
 
   function attemptsTable(t) {
@@ -812,7 +877,7 @@
       "table",
       { class: "grid attempts" },
       h("thead", {}, h("tr", {}, ["#", "Started", "Ended", "Outcome"].map((x) => h("th", {}, x)))),
-      h("tbody", {}, attempts.map((a) => h("tr", {}, h("td", {}, String(a.attempt)), h("td", {}, timeAgo(a.started_at)), h("td", {}, timeAgo(a.finished_at)), h("td", {}, outcome(a))))),
+      h("tbody", {}, attempts.map((a) => h("tr", {}, h("td", {}, attemptText(t, a)), h("td", {}, timeAgo(a.started_at)), h("td", {}, timeAgo(a.finished_at)), h("td", {}, outcome(a))))),
     );
   }
 
@@ -828,14 +893,19 @@
   }
 
   async function loadPools() {
-    const { pools } = await getJSON("/pools");
+    const { pools, machine } = await getJSON("/pools");
+    if (machine) {
+      const n = (x) => String(Math.round(x * 100) / 100);
+      setText($("#machine-cpus"), `${n(machine.cpus_used)} of ${n(machine.cpus)} CPUs in use, ${n(machine.cpus_free)} free`);
+      setText($("#machine-gpus"), `${machine.gpus_used} of ${machine.gpus} GPUs in use, ${machine.gpus_free} free`);
+    }
     const rows = pools.map((p) => {
       const cap = p.capacity === null || p.capacity === undefined ? null : p.capacity;
       const use = cap ? h("div", { class: "progress" }, h("div", { class: "bar" }, h("span", { class: "seg run", style: { width: Math.min(100, (100 * p.running) / cap) + "%" } }))) : null;
       return h(
         "tr",
         { "data-pool": p.name },
-        h("td", {}, h("strong", {}, p.name), p.error ? h("div", { class: "bad small" }, p.error) : null),
+        h("td", {}, h("strong", {}, p.name), p.configured ? null : h("span", { class: "muted small" }, " built in"), p.error ? h("div", { class: "bad small" }, p.error) : null),
         h("td", {}, h("span", { class: "chip" }, p.engine)),
         h("td", {}, resourcesText(p.resources)),
         h("td", { class: "num" }, cap === null ? "no limit" : String(cap)),
@@ -845,7 +915,6 @@
       );
     });
     replaceKids($("#pools tbody"), rows);
-    setText($("#pools-note"), pools.length ? "" : "No pools configured.");
   }
 
   // ---- start -------------------------------------------------------------------------------

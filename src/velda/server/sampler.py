@@ -1,0 +1,103 @@
+"""Keeps the chunk index (velda/logindex.py) of running local attempts.
+
+A local task writes straight into its log files, with no server process in between, so the
+server learns when each stream grew by looking: every 50 ms, from the event loop, it stats the
+two files of each running attempt and appends a record for each one that grew. That is two
+stat() calls per running attempt per pass and one small write when a file grew; attempts that
+are not running cost nothing. The order it keeps is exact between streams that write more than
+50 ms apart, and within one pass stdout comes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from velda.logindex import STREAMS, last_sizes, open_index, record
+
+INTERVAL_S = 0.05
+MAX_SHARE = 0.05  # of the event loop's time that sampling may take
+
+
+class _Watched:
+    def __init__(self, attempt_dir: Path) -> None:
+        self.paths = [(stream, str(attempt_dir / stream)) for stream in STREAMS]
+        self.sizes = last_sizes(attempt_dir)  # an adopted attempt continues its index
+        self.fd = open_index(attempt_dir)
+
+    def sample(self, at: float) -> None:
+        for stream, path in self.paths:
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                continue
+            if size > self.sizes[stream]:
+                self.sizes[stream] = size
+                record(self.fd, stream, size, at)
+
+
+class ChunkSampler:
+    def __init__(self, now: Callable[[], float] = time.time, interval: float = INTERVAL_S):
+        self.now = now
+        self.interval = interval
+        self._watched: dict[Path, _Watched] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, attempt_dir: Path) -> None:
+        if attempt_dir in self._watched:
+            return
+        try:
+            self._watched[attempt_dir] = _Watched(attempt_dir)
+        except OSError:
+            return  # no index: the combined view falls back to file order
+        if self._timer is None:
+            self._arm()
+
+    def unwatch(self, attempt_dir: Path) -> None:
+        """The attempt ended: one last record for what it wrote since the last pass."""
+        watched = self._watched.pop(attempt_dir, None)
+        if watched is None:
+            return
+        try:
+            watched.sample(self.now())
+        except OSError:
+            pass
+        os.close(watched.fd)
+
+    def sample_all(self) -> float:
+        """One pass; how long it took (seconds)."""
+        start = time.perf_counter()
+        at = self.now()
+        for watched in list(self._watched.values()):
+            try:
+                watched.sample(at)
+            except OSError:
+                pass
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        """Stop without final records: the attempts keep running, the next server goes on."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for watched in self._watched.values():
+            os.close(watched.fd)
+        self._watched.clear()
+
+    def _arm(self, delay: float | None = None) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (tests of pure steps): sampled only at the end
+        self._timer = loop.call_later(delay or self.interval, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        took = self.sample_all()
+        if self._watched:
+            # at most MAX_SHARE of the event loop: with very many running attempts the passes
+            # space out (and the order they keep coarsens) instead of starving the server
+            self._arm(max(self.interval, took / MAX_SHARE))
