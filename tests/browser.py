@@ -7,6 +7,7 @@ Chromium is not installed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from conftest import missing
+from velda_cli import Velda
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -60,3 +62,20 @@ def page(chromium: Browser) -> Iterator[Page]:
     yield page
     context.close()
     assert not errors, f"script errors in the page: {errors}"
+
+
+@pytest.fixture
+def url(velda: Velda) -> str:
+    """The address of the velda fixture's server, started here."""
+    velda.run("velda", "server", "start", check=True)
+    status = velda.run("velda", "server", "status", "-o", "json", check=True).stdout
+    return str(json.loads(status)["url"])
+
+
+@pytest.fixture
+def signed_in(page: Page, velda: Velda, url: str) -> Page:
+    """`page`, logged in to that server through `velda ui`'s one-time link."""
+    from playwright.sync_api import expect
+    page.goto(velda.run("velda", "ui", "--print", check=True).stdout.strip())
+    expect(page).to_have_url(url + "/")
+    return page

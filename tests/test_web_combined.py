@@ -3,8 +3,6 @@ timing panel and attempts say, children counters with cancelled and skipped, and
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from playwright.sync_api import Page, expect
 
@@ -12,20 +10,6 @@ from velda_cli import Velda
 
 ALTERNATING = "for i in 1 2 3 4; do echo out$i; sleep 0.3; echo err$i >&2; sleep 0.3; done"
 WRITTEN = "".join(f"out{i}\nerr{i}\n" for i in range(1, 5))
-
-
-@pytest.fixture
-def url(velda: Velda) -> str:
-    velda.run("velda", "server", "start", check=True)
-    status = velda.run("velda", "server", "status", "-o", "json", check=True).stdout
-    return str(json.loads(status)["url"])
-
-
-@pytest.fixture
-def signed_in(page: Page, velda: Velda, url: str) -> Page:
-    page.goto(velda.run("velda", "ui", "--print", check=True).stdout.strip())
-    expect(page).to_have_url(url + "/")
-    return page
 
 
 @pytest.mark.browser

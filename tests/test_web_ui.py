@@ -6,7 +6,6 @@ the result in the page: a pipeline's progress, a task's live log, cancel and ret
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import urllib.error
@@ -94,21 +93,6 @@ def test_pages_are_static_shells_with_a_strict_policy(client: TestClient) -> Non
 
 
 # ---- in the browser, against a real server ---------------------------------------------------
-
-
-@pytest.fixture
-def url(velda: Velda) -> str:
-    """The address of the velda fixture's server, started here."""
-    velda.run("velda", "server", "start", check=True)
-    status = velda.run("velda", "server", "status", "-o", "json", check=True).stdout
-    return str(json.loads(status)["url"])
-
-
-@pytest.fixture
-def signed_in(page: Page, velda: Velda, url: str) -> Page:
-    page.goto(velda.run("velda", "ui", "--print", check=True).stdout.strip())
-    expect(page).to_have_url(url + "/")
-    return page
 
 
 def badge(page: Page) -> Locator:

@@ -625,15 +625,20 @@ class Runtime:
     # --- engine events
 
     def running(self, task_id: str, attempt: int, handle: Handle) -> None:
+        self._commit_or_keep(
+            ("running", task_id, attempt),
+            lambda: self._commit_running(int(task_id), attempt, handle),
+        )
+
+    def _commit_or_keep(self, key: tuple[object, ...], commit: Callable[[], None]) -> None:
+        """Write an engine's report now; on a full disk keep it in memory and write it as
+        soon as there is space (Space retries it)."""
         try:
-            self._commit_running(int(task_id), attempt, handle)
+            commit()
         except OSError as e:
             if not is_full(e):
                 raise
-            self.space.keep(
-                ("running", task_id, attempt),
-                lambda: self._commit_running(int(task_id), attempt, handle), e,
-            )
+            self.space.keep(key, commit, e)
 
     def _commit_running(self, task_id: int, attempt: int, handle: Handle) -> None:
         task = self.store.get(task_id)
@@ -653,15 +658,9 @@ class Runtime:
         """An attempt ended. An exit that finds the disk full is kept in memory and written
         as soon as there is space (the status file keeps it across a restart too)."""
         self.sampler.unwatch(self.attempt_dir(int(task_id), attempt))
-        try:
-            self._commit_exit(int(task_id), attempt, exit)
-        except OSError as e:
-            if not is_full(e):
-                raise
-            self.space.keep(
-                ("exit", task_id, attempt), lambda: self._commit_exit(int(task_id), attempt, exit),
-                e,
-            )
+        self._commit_or_keep(
+            ("exit", task_id, attempt), lambda: self._commit_exit(int(task_id), attempt, exit)
+        )
 
     def _commit_exit(self, task_id: int, attempt: int, exit: Exit) -> None:
         task = self.store.get(task_id)
