@@ -2,17 +2,22 @@
 # Install everything the tests need on a fresh Debian/Ubuntu machine, then run the whole suite.
 #   scripts/test.sh                 # all tests
 #   scripts/test.sh -k vrun         # extra arguments go to pytest
-# Installs: Debian's chromium (browser tests), a virtual environment .venv with velda, its test
-# tools and Ray (the Ray tests start a real local cluster on loopback).
+# Installs: Debian's chromium (browser tests), slurm-wlm and munge (the Slurm tests start a real
+# two-node cluster in a network namespace, as root), a virtual environment .venv with velda, its
+# test tools and Ray (the Ray tests start a real local cluster on loopback).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v chromium >/dev/null 2>&1; then
-  echo "== installing chromium (Debian package) for the browser tests"
+debs=()
+command -v chromium >/dev/null 2>&1 || debs+=(chromium)             # the browser tests
+command -v slurmctld >/dev/null 2>&1 || debs+=(slurm-wlm munge)      # the Slurm tests
+command -v ip >/dev/null 2>&1 || debs+=(iproute2)                    # their network namespace
+if [ ${#debs[@]} -gt 0 ]; then
+  echo "== installing ${debs[*]} (Debian packages) for the browser and Slurm tests"
   as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${debs[@]}" >/dev/null
 fi
 
 if ! python3 -c 'import ensurepip' >/dev/null 2>&1; then

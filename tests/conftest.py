@@ -4,11 +4,14 @@ runs in a temporary VELDA_HOME; see velda_cli.py."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from slurm_cluster import SlurmCluster, missing_tools
 from velda_cli import Velda
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ml-pipeline"
@@ -47,3 +50,23 @@ def missing(what: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{what}, although scripts/test.sh installs it")
     pytest.skip(what)
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[SlurmCluster]:
+    """A real two-node Slurm cluster on loopback (see slurm_cluster.py), one per session;
+    run clients as `[*slurm.prefix, "sbatch", ...]` with `env=slurm.env`."""
+    absent = missing_tools()
+    if absent:
+        missing(f"the Slurm tests need {', '.join(absent)}"
+                " (apt-get install slurm-wlm munge iproute2)")
+    if os.geteuid() != 0:
+        missing("the Slurm tests need root (their daemons run in a network namespace)")
+    root = tempfile.mkdtemp(prefix="vslurm-")
+    cluster = SlurmCluster()
+    try:
+        cluster.start(Path(root))
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)

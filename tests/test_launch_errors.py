@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from velda.config import Config
-from velda.engines.base import Handle, Launch
+from velda.engines.base import EngineEvents, Handle, Launch, StartResult, start_each
 from velda.models import Pool, Resources, TaskStatus
 from velda.protocol import SubmitRequest
 from velda.server.runtime import Runtime
@@ -95,7 +95,13 @@ def test_a_working_directory_removed_before_the_start_ends_engine_error(
 class RaisingEngine:
     """Raises on start for commands that say so; starts nothing else (the test ends them)."""
 
-    name, places_work = "local", False
+    name, places_work, writes_log_index = "local", False, True
+
+    def check_task(self, pool: Pool, cwd: str, shards: int | None, gang: bool) -> None:
+        return None
+
+    async def start_many(self, launches: list[Launch]) -> list[StartResult]:
+        return await start_each(self, launches)
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -124,10 +130,15 @@ class RaisingEngine:
 @pytest.fixture
 def raising(tmp_path: Path) -> Iterator[tuple[Runtime, RaisingEngine]]:
     loop = asyncio.new_event_loop()
-    runtime = Runtime(tmp_path, Config(), SqliteStore(tmp_path / "velda.db"), str)
-    engine = RaisingEngine(runtime)
-    runtime.local = engine  # type: ignore[assignment]
-    runtime.engines["local"] = engine  # type: ignore[assignment]
+    engines: list[RaisingEngine] = []
+
+    def make(events: EngineEvents) -> RaisingEngine:
+        assert isinstance(events, Runtime)  # the runtime hears its engines itself
+        engines.append(RaisingEngine(events))
+        return engines[0]
+
+    runtime = Runtime(tmp_path, Config(), SqliteStore(tmp_path / "velda.db"), str, local=make)
+    engine = engines[0]
     asyncio.set_event_loop(loop)
     yield runtime, engine
     loop.close()
@@ -157,7 +168,7 @@ def test_one_launch_that_raises_does_not_stop_the_others(
         "velda: cannot start: RuntimeError: the cluster went away\n"
     )
     assert engine.started == [str(good)]
-    assert bad not in runtime.allocs and good in runtime.allocs
+    assert bad not in runtime.machine.allocs and good in runtime.machine.allocs
 
 
 def test_cancel_ends_a_task_whose_engine_raises_within_the_grace(
@@ -175,7 +186,7 @@ def test_cancel_ends_a_task_whose_engine_raises_within_the_grace(
     task = runtime.store.get(task_id)
     assert task is not None and (task.status, task.reason) == (S.CANCELLED, "cancelled")
     assert "did not report the end within the 0.2 s grace period" in (task.reason_detail or "")
-    assert task_id not in runtime.allocs
+    assert task_id not in runtime.machine.allocs
 
 
 def test_a_store_from_before_reason_detail_is_upgraded(tmp_path: Path) -> None:

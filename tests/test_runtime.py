@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from velda.config import Config
-from velda.engines.base import Handle, Launch
+from velda.engines.base import EngineEvents, Handle, Launch, StartResult, start_each
 from velda.models import Exit, Pool, Resources, TaskStatus
 from velda.protocol import BadRequest, SubmitRequest
 from velda.server.runtime import Runtime
@@ -20,7 +20,13 @@ S = TaskStatus
 class FakeEngine:
     """Starts nothing; the test ends attempts by hand."""
 
-    name, places_work = "local", False
+    name, places_work, writes_log_index = "local", False, True
+
+    def check_task(self, pool: Pool, cwd: str, shards: int | None, gang: bool) -> None:
+        return None
+
+    async def start_many(self, launches: list[Launch]) -> list[StartResult]:
+        return await start_each(self, launches)
 
     def __init__(self, runtime: Runtime, cpus: float) -> None:
         self.runtime, self._cpus = runtime, cpus
@@ -51,12 +57,16 @@ class FakeEngine:
 
 @pytest.fixture
 def world(tmp_path: Path) -> tuple[Runtime, FakeEngine]:
+    engines: list[FakeEngine] = []
+
+    def make(events: EngineEvents) -> FakeEngine:
+        assert isinstance(events, Runtime)  # the runtime hears its engines itself
+        engines.append(FakeEngine(events, cpus=1))
+        return engines[0]
+
     runtime = Runtime(tmp_path, Config(), SqliteStore(":memory:"), lambda i: f"t{i}",
-                      now=lambda: 1000.0)
-    engine = FakeEngine(runtime, cpus=1)
-    runtime.local = engine  # type: ignore[assignment]
-    runtime.engines["local"] = engine  # type: ignore[assignment]
-    return runtime, engine
+                      now=lambda: 1000.0, local=make)
+    return runtime, engines[0]
 
 
 def submit(runtime: Runtime, **fields: object) -> int:

@@ -173,6 +173,12 @@ class Task:
     alloc: Allocation | None = None
     cancel_requested: bool = False
     reason_detail: str | None = None  # one line on why the attempt ended as it did, if known
+    # when the current attempt was handed to its engine: for engines that place work
+    # themselves it is QUEUED (in the cluster's queue) from then until it really starts
+    submitted_at: float | None = None
+    # why velda itself stopped the current attempt (Reason.TIMEOUT), if it did; a cancel is
+    # `cancel_requested`, which also covers the tasks that never started
+    stop_cause: Reason | None = None
 
     @property
     def has_command(self) -> bool:

@@ -1,16 +1,32 @@
-"""Engines: what places and starts the processes of tasks. See base.py."""
+"""Engines: what places and starts the processes of tasks. See base.py.
+
+A pool's `engine` key names an entry of REGISTRY; the local engine serves local pools and
+every pool that is not in velda.toml any more. An engine's module is imported only when a
+pool uses it, so the core install never imports Ray.
+"""
 
 from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
 
 from velda.engines.base import Engine, EngineError, EngineEvents
 from velda.models import Pool
 
+Registry = Mapping[str, str]  # engine name -> "module:class", the class taking (pool, events)
 
-def load_engine(pool: Pool, events: EngineEvents) -> Engine:
-    """The engine of a remote pool. Imported only when such a pool is used, so the core
-    install never imports Ray."""
-    if pool.engine == "ray":
-        from velda.engines.ray import RayEngine
+REGISTRY: Registry = {
+    "ray": "velda.engines.ray:RayEngine",
+}
+ENGINE_NAMES = ("local", *REGISTRY)
 
-        return RayEngine(pool, events)
-    raise EngineError(f"pool {pool.name}: unknown engine '{pool.engine}' (local, ray)")
+
+def build_engine(registry: Registry, pool: Pool, events: EngineEvents) -> Engine:
+    """The engine of a pool whose engine is not the local one."""
+    where = registry.get(pool.engine)
+    if where is None:
+        names = ", ".join(("local", *registry))
+        raise EngineError(f"pool {pool.name}: unknown engine '{pool.engine}' ({names})")
+    module, _, cls = where.partition(":")
+    engine: Engine = getattr(importlib.import_module(module), cls)(pool, events)
+    return engine

@@ -7,7 +7,11 @@ stderr land, byte for byte, in `launch.stdout_path` and `launch.stderr_path`.
 
 Engines that place work themselves (Ray, Slurm) set `places_work = True`: the server hands them
 a task as soon as its dependencies are met and they report `running` when it really starts.
-The local engine sets it to False: velda's scheduler counts its CPUs and GPUs.
+The local engine sets it to False: velda's scheduler counts its CPUs and GPUs. That flag picks
+how the server dispatches a pool's tasks (server/dispatch.py) and is read nowhere else.
+
+An engine is one module that registers itself by one line in `engines/__init__.py`. The
+contract every engine passes is tests/test_engine_contract.py.
 """
 
 from __future__ import annotations
@@ -33,6 +37,13 @@ class Launch:
     attempt_dir: Path  # the engine may keep its own files here
     stdout_path: Path
     stderr_path: Path
+    timeout_s: float | None = None  # velda's own clock runs too; an engine may also pass it on
+    parent_id: str | None = None
+    shard_id: int | None = None  # shards of one parent share argv, cwd and pool
+    server_home: Path | None = None  # the server's VELDA_HOME, for engines on its machine
+
+
+StartResult = Handle | Exception  # what start_many gives for each launch, in order
 
 
 class EngineEvents(Protocol):
@@ -44,7 +55,12 @@ class EngineEvents(Protocol):
 
 
 class EngineError(Exception):
-    """The engine cannot do what was asked (cluster unreachable, bad pool option, ...)."""
+    """The engine cannot do what was asked (cluster unreachable, bad pool option, ...).
+    `field` names the part of a submit that is at fault, for the 400 the client gets."""
+
+    def __init__(self, message: str, field: str = "pool") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class NotStartedError(Exception):
@@ -55,9 +71,15 @@ class NotStartedError(Exception):
 class Engine(Protocol):
     name: str
     places_work: bool
+    # True when the engine writes the attempt's chunk index (logindex.py) itself; otherwise
+    # the server indexes the log files while the attempt runs (they must be readable there)
+    writes_log_index: bool
 
     async def check(self, pool: Pool) -> None:
         """Raise EngineError with a one-line reason if the pool cannot take work now."""
+
+    def check_task(self, pool: Pool, cwd: str, shards: int | None, gang: bool) -> None:
+        """Raise EngineError (with `field`) if a task like this could never run here."""
 
     def capacity(self) -> Resources:
         """Total resources (only used when places_work is False)."""
@@ -68,6 +90,10 @@ class Engine(Protocol):
         Must eventually call events.running(...) once it runs and events.exited(...) once
         it ends, also if starting failed later on.
         """
+
+    async def start_many(self, launches: list[Launch]) -> list[StartResult]:
+        """start() for each launch, in order, with what each gave or raised; an engine may
+        submit them together (Slurm makes the shards of one parent one job array)."""
 
     async def signal(self, handle: Handle, signum: int) -> None:
         """Send a signal to the attempt's process group (Ctrl-C of vrun)."""
@@ -85,3 +111,18 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """The server is stopping. Running work keeps running."""
+
+
+class _StartsOne(Protocol):
+    async def start(self, launch: Launch) -> Handle: ...
+
+
+async def start_each(engine: _StartsOne, launches: list[Launch]) -> list[StartResult]:
+    """start_many for engines that start one attempt at a time."""
+    results: list[StartResult] = []
+    for launch in launches:
+        try:
+            results.append(await engine.start(launch))
+        except Exception as e:  # it ends this attempt and no other
+            results.append(e)
+    return results

@@ -19,7 +19,15 @@ import signal
 import subprocess
 from pathlib import Path
 
-from velda.engines.base import EngineError, EngineEvents, Handle, Launch, NotStartedError
+from velda.engines.base import (
+    EngineError,
+    EngineEvents,
+    Handle,
+    Launch,
+    NotStartedError,
+    StartResult,
+    start_each,
+)
 from velda.engines.pids import start_time
 from velda.engines.run_as import task_user
 from velda.logindex import INDEX
@@ -116,6 +124,7 @@ def _read_int(path: Path) -> int | None:
 class LocalEngine:
     name = "local"
     places_work = False
+    writes_log_index = False  # the server indexes the files as they grow
 
     def __init__(self, events: EngineEvents, cpus: float | None, gpus: int | None) -> None:
         self.events = events
@@ -141,12 +150,19 @@ class LocalEngine:
                 f"{self._capacity.gpus} GPU(s) and {self._capacity.cpus:g} CPU(s)"
             )
 
+    def check_task(self, pool: Pool, cwd: str, shards: int | None, gang: bool) -> None:
+        if not os.path.isdir(cwd):
+            raise EngineError(f"cwd: working directory {cwd} does not exist", "cwd")
+
+    async def start_many(self, launches: list[Launch]) -> list[StartResult]:
+        return await start_each(self, launches)
+
     async def start(self, launch: Launch) -> Handle:
         if not os.path.isdir(launch.cwd):  # removed since the submit
             raise EngineError(f"working directory {launch.cwd} does not exist")
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
         argv = [_SH, "-c", _WRAPPER, "velda-task", str(launch.attempt_dir), launch.cwd]
-        argv, env = self._as_pool_user(launch, argv + launch.argv)
+        argv, env = self._as_pool_user(launch, argv + launch.argv, _local_env(launch))
         try:
             pid = os.posix_spawn(
                 argv[0],
@@ -170,7 +186,9 @@ class LocalEngine:
         return handle
 
     @staticmethod
-    def _as_pool_user(launch: Launch, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    def _as_pool_user(
+        launch: Launch, argv: list[str], env: dict[str, str]
+    ) -> tuple[list[str], dict[str, str]]:
         """The wrapper's argv and environment, switched to the pool's `user` if it has one."""
         try:
             user = task_user(launch.pool)
@@ -178,13 +196,13 @@ class LocalEngine:
             user_name = launch.pool.options.get("user")
             raise EngineError(f"pool {launch.pool.name}: no user {user_name!r} here") from None
         if user is None:
-            return argv, launch.env
+            return argv, env
         try:
             logs = (launch.stdout_path, launch.stderr_path, launch.attempt_dir / INDEX)
             user.share(launch.attempt_dir, logs)
         except OSError as e:
             raise EngineError(f"cannot prepare {launch.attempt_dir}: {e.strerror}") from e
-        return user.prefix() + argv, user.environment(launch.env)
+        return user.prefix() + argv, user.environment(env)
 
     async def adopt(self, task_id: str, attempt: int, handle: Handle, launch: Launch) -> None:
         pid = handle.get("pid") or _read_int(launch.attempt_dir / "pid")
@@ -247,6 +265,15 @@ class LocalEngine:
         if wait_status is not None and os.WIFEXITED(wait_status):
             return exit_from_status(os.WEXITSTATUS(wait_status))  # no room for the file
         return Exit(None, None, Reason.LOST)
+
+
+def _local_env(launch: Launch) -> dict[str, str]:
+    """The task sees only the GPUs the scheduler gave it, and finds (or starts) the server
+    through VELDA_HOME after a restart in which it could not get VELDA_SERVER's port back."""
+    env = {**launch.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, launch.gpu_ids))}
+    if launch.server_home is not None:
+        env["VELDA_HOME"] = str(launch.server_home)
+    return env
 
 
 def unusable_env(env: dict[str, str], error: ValueError) -> str:

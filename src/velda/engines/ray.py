@@ -39,7 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from velda.engines.base import EngineError, EngineEvents, Handle, Launch, NotStartedError
+from velda.engines.base import (
+    EngineError,
+    EngineEvents,
+    Handle,
+    Launch,
+    NotStartedError,
+    StartResult,
+    start_each,
+)
 from velda.engines.pids import same_process
 from velda.models import Exit, Pool, Reason, Resources
 
@@ -91,6 +99,7 @@ class RayEngine:
 
     name = "ray"
     places_work = True
+    writes_log_index = True  # the bridge writes the chunk index with the logs
 
     def __init__(self, pool: Pool, events: EngineEvents) -> None:
         self.events = events
@@ -113,6 +122,12 @@ class RayEngine:
     async def check(self, pool: Pool) -> None:
         workdir_of(pool)
         await self._ensure_bridge()
+
+    def check_task(self, pool: Pool, cwd: str, shards: int | None, gang: bool) -> None:
+        return None  # the working directory is the node's business (docs/engines.md)
+
+    async def start_many(self, launches: list[Launch]) -> list[StartResult]:
+        return await start_each(self, launches)
 
     async def start(self, launch: Launch) -> Handle:
         upload = workdir_of(launch.pool) == "upload"

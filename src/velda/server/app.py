@@ -390,9 +390,9 @@ async def metrics(runtime: Runtime) -> Response:
         lines.append(f'velda_tasks{{status="{status}"}} {n}')
     lines += [
         "# TYPE velda_queued_local gauge",
-        f"velda_queued_local {len(runtime.queued)}",
+        f"velda_queued_local {len(runtime.machine.queued)}",
         "# TYPE velda_running_local gauge",
-        f"velda_running_local {len(runtime.allocs)}",
+        f"velda_running_local {len(runtime.machine.allocs)}",
         "# TYPE velda_uptime_seconds gauge",
         f"velda_uptime_seconds {time.time() - STARTED:.3f}",
     ]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from velda.models import Task
 from velda.protocol import MAX_ID, BadRequest
-from velda.store.sqlite import SqliteStore
+from velda.store.base import Store
 
 
 class Resolver:
-    def __init__(self, store: SqliteStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
 
     def resolve(self, ref: str, scope: int | None, field: str = "ref") -> Task:

@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections import deque
 
 from velda.models import NEVER_RAN_STATES, Task, TaskStatus
-from velda.store.sqlite import SqliteStore
+from velda.store.base import Store
 
 S = TaskStatus
 
 
-def reopen(store: SqliteStore, root: Task) -> list[int]:
+def reopen(store: Store, root: Task) -> list[int]:
     """Reopen root and what depends on its outcome; return the tasks to re-evaluate."""
     to_check: list[int] = []
     work = deque([root])
@@ -34,7 +34,7 @@ def reopen(store: SqliteStore, root: Task) -> list[int]:
     return to_check
 
 
-def _reopen_one(store: SqliteStore, task: Task, work: deque[Task]) -> list[int]:
+def _reopen_one(store: Store, task: Task, work: deque[Task]) -> list[int]:
     children = store.children(task.id)
     if task.own_succeeded and task.started_at is not None:
         task.status = S.RUNNING_SUBTASKS
@@ -45,9 +45,10 @@ def _reopen_one(store: SqliteStore, task: Task, work: deque[Task]) -> list[int]:
         task.started_at = task.finished_at = None
         work.extend(c for c in children if c.status != S.SUCCESS)
     task.resolved_at, task.cancel_requested, task.handle = None, False, None
+    task.submitted_at = task.stop_cause = None
     store.update(
         task, "status", "exit_code", "signal", "reason", "started_at", "finished_at",
-        "resolved_at", "cancel_requested", "handle",
+        "resolved_at", "cancel_requested", "handle", "submitted_at", "stop_cause",
     )
     for dependent_id, _ in store.dependents(task.id):
         dependent = store.get(dependent_id)
@@ -56,7 +57,7 @@ def _reopen_one(store: SqliteStore, task: Task, work: deque[Task]) -> list[int]:
     return [task.id]
 
 
-def _reopen_ancestors(store: SqliteStore, task: Task) -> None:
+def _reopen_ancestors(store: Store, task: Task) -> None:
     parent_id = task.parent_id
     while parent_id is not None:
         parent = store.get(parent_id)

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from velda.config import Config
-from velda.engines.base import Engine, EngineError, Handle, Launch, NotStartedError
+from velda.engines import REGISTRY, Registry, build_engine
+from velda.engines.base import (
+    Engine,
+    EngineError,
+    EngineEvents,
+    Handle,
+    Launch,
+)
 from velda.engines.local import LocalEngine
 from velda.models import (
     NEVER_RAN_STATES,
@@ -31,22 +38,24 @@ from velda.models import (
     Exit,
     Pool,
     Reason,
-    Resources,
     Task,
     TaskStatus,
 )
 from velda.outcome import Verdict, combine, dependency_verdict, resolved_status
 from velda.protocol import BadRequest, SubmitRequest
-from velda.ready_queue import ReadyQueue
-from velda.scheduler import Capacity, Placement, Request, schedule
+from velda.scheduler import Capacity
+from velda.server import launches
 from velda.server.blocked import Blocked
 from velda.server.config_watch import ConfigWatcher
+from velda.server.dispatch import HandOver, LocalDispatch, Taken
 from velda.server.notifier import Notifier
+from velda.server.recovery import Recovery
 from velda.server.refs import Resolver
 from velda.server.retry import reopen
 from velda.server.sampler import ChunkSampler
 from velda.server.space import Space, is_full
-from velda.store.sqlite import SqliteStore
+from velda.server.timeouts import Timeouts
+from velda.store.base import Store
 
 S = TaskStatus
 CANCEL_GRACE_S = 10.0  # VELDA_CANCEL_GRACE_S overrides it
@@ -62,10 +71,14 @@ class Runtime:
         self,
         home: Path,
         config: Config,
-        store: SqliteStore,
+        store: Store,
         token_for: Callable[[int], str],
         now: Callable[[], float] = time.time,
+        local: Callable[[EngineEvents], Engine] | None = None,
+        registry: Registry = REGISTRY,
     ) -> None:
+        """`local` makes the engine of local pools (LocalEngine by default); `registry` gives
+        the engines of the other pools, by the name a pool's `engine` key says."""
         self.home = home
         self.config = config
         self.store = store
@@ -75,20 +88,21 @@ class Runtime:
         self.notifier = Notifier()
         self.sampler = ChunkSampler(now)  # the chunk index of running local attempts
         self.resolver = Resolver(store)
-        self.local = LocalEngine(self, config.local_cpus, config.local_gpus)
+        self.local: Engine = (
+            local(self) if local else LocalEngine(self, config.local_cpus, config.local_gpus)
+        )
+        self.registry = registry
         self.engines: dict[str, Engine] = {"local": self.local}
-        self.queued = ReadyQueue()  # local tasks waiting for capacity
-        self.remote_queue: list[int] = []  # tasks to hand to engines that place work
-        self.allocs: dict[int, Allocation] = {}  # local tasks holding capacity
-        self.alloc_pools: dict[int, str] = {}  # ... and the pool each belongs to
         self.blocked = Blocked(self._blocked_changed)  # tasks waiting for their subtree
-        self.reserving: list[int] = []  # queued tasks the last pass held capacity for
-        self.timers: dict[int, asyncio.TimerHandle] = {}
+        # how ready tasks reach their engines (dispatch.py): counted here, or handed over
+        self.machine = LocalDispatch(self.local, self.blocked, lambda: self.config)
+        self.handover = HandOver()
+        self.timeouts = Timeouts(now, self._time_out)
         self._schedule_pending = False
         self._jobs: set[asyncio.Task[None]] = set()
         self.cancel_grace_s = float(os.environ.get("VELDA_CANCEL_GRACE_S") or CANCEL_GRACE_S)
         self.deadlines: dict[int, asyncio.TimerHandle] = {}  # cancelled tasks' last moment
-        self.space = Space(home, self._request_schedule)  # writes waiting for a full disk
+        self.space = Space(home, self.request_schedule)  # writes waiting for a full disk
         self.config_file = home / "velda.toml"  # where a fix to the pools goes (main sets it)
         self.watcher = ConfigWatcher(self.config_file, config, self.apply_config)
 
@@ -106,8 +120,10 @@ class Runtime:
         """New pools from a changed velda.toml. Tasks already queued keep what they asked
         for; an engine already made for a remote pool keeps its settings until a restart."""
         self.config = config
-        self.local.override(config.local_cpus, config.local_gpus)
-        self._request_schedule()
+        override = getattr(self.local, "override", None)  # [local] cpus/gpus (LocalEngine)
+        if override is not None:
+            override(config.local_cpus, config.local_gpus)
+        self.request_schedule()
 
     async def check_pool(self, pool: Pool) -> None:
         """EngineError, saying what to do, when the pool's tasks can never run."""
@@ -131,23 +147,18 @@ class Runtime:
             return self.local
         key = f"{pool.engine}:{pool.name}"
         if key not in self.engines:
-            from velda.engines import load_engine
-
-            self.engines[key] = load_engine(pool, self)
+            self.engines[key] = build_engine(self.registry, pool, self)
         return self.engines[key]
 
-    def need_of(self, pool: Pool) -> Resources:
-        """What a task of a local pool holds; a cpu-N larger than the machine gets all of it."""
-        return pool.resources.clamp(self.local.capacity())
+    def dispatch_of(self, pool_name: str) -> LocalDispatch | HandOver:
+        """The one place that asks how an engine takes work (dispatch.py)."""
+        return self.handover if self.engine_of(pool_name).places_work else self.machine
+
+    def _dispatches(self) -> tuple[LocalDispatch, HandOver]:
+        return self.machine, self.handover
 
     def notice_for(self, pool: Pool) -> str | None:
-        machine = self.local.capacity()
-        if pool.engine != "local" or pool.resources.cpus <= machine.cpus:
-            return None
-        return (
-            f"pool {pool.name} asks for {pool.resources.cpus:g} CPUs and this machine has "
-            f"{machine.cpus:g}: each of its tasks runs alone on all of them"
-        )
+        return self.dispatch_of(pool.name).notice_for(pool)
 
     # --- submit
 
@@ -173,42 +184,26 @@ class Runtime:
                 self.store.set_idempotency_key(task.id, key)
             if req.total_shards is not None:
                 self._insert_shards(task, req, pool)
-            self._cascade([task.id])
-        self._changed()
+            self.cascade([task.id])
+        self.changed()
         task = self.store.get(task.id) or task  # the cascade may have moved it on
         if req.blocking and scope is not None and not task.status.is_final():
             self.blocked.submitted(task.id, scope)  # its vrun follows it from now on
         return task
 
     def _check_submit(self, req: SubmitRequest, pool: Pool, scope: int | None) -> None:
-        if pool.engine == "local" and not os.path.isdir(req.cwd):
-            raise BadRequest(f"cwd: working directory {req.cwd} does not exist", "cwd")
+        try:
+            self.engine_of(pool.name).check_task(pool, req.cwd, req.total_shards, req.gang)
+        except EngineError as e:
+            raise BadRequest(str(e), e.field) from e
         if scope is not None:
             parent = self.store.get(scope)
             if parent is None or parent.status.is_final() or parent.cancel_requested:
                 raise BadRequest(f"parent task {scope} has already ended", "parent")
-        if req.gang and req.total_shards and pool.engine == "local":
-            self._check_gang_fits(pool, req.total_shards)
-
-    def _check_gang_fits(self, pool: Pool, shards: int) -> None:
-        fits = self.tasks_at_once(pool)
-        if fits is not None and shards > fits:
-            raise BadRequest(
-                f"gang of {shards} can never run at once in pool {pool.name}: "
-                f"it fits at most {fits} ({self.local.capacity().describe()} on this machine)",
-                "total_shards",
-            )
-
-    def tasks_at_once(self, pool: Pool) -> int | None:
-        """How many tasks of a local pool the machine (and the pool's own `capacity`) can run
-        at the same time; None when nothing limits it."""
-        need, machine = self.need_of(pool), self.local.capacity()
-        limits = [
-            int(machine.cpus // need.cpus) if need.cpus else None,
-            machine.gpus // need.gpus if need.gpus else None,
-            pool.capacity,
-        ]
-        return min((n for n in limits if n is not None), default=None)
+        if req.gang and req.total_shards:
+            misfit = self.dispatch_of(pool.name).gang_misfit(pool, req.total_shards)
+            if misfit:
+                raise BadRequest(misfit, "total_shards")
 
     def _dependencies(self, req: SubmitRequest, scope: int | None) -> list[Dependency]:
         deps = []
@@ -275,17 +270,15 @@ class Runtime:
         except OSError as e:
             if is_full(e):
                 last = self.store.last_id()  # read after the rollback: the last stored task
-                for request in self.queued.requests():
-                    if request.task_id > last:
-                        self.queued.discard(request.task_id)
-                self.remote_queue = [t for t in self.remote_queue if t <= last]
+                for dispatch in self._dispatches():
+                    dispatch.forget_after(last)
                 self.space.note_full(e)
             raise
         self.space.wrote()
 
     # --- state changes, one worklist so long chains never recurse
 
-    def _cascade(self, ids: list[int]) -> None:
+    def cascade(self, ids: list[int]) -> None:
         """Re-evaluate tasks until nothing more changes: PENDING tasks whose dependencies
         decided, parents whose last child became final."""
         work = deque(ids)
@@ -320,7 +313,7 @@ class Runtime:
             task.status, task.started_at = S.RUNNING_SUBTASKS, self.now()
             self.store.update(task, "status", "started_at")
             return self._start_children(task)
-        self._enqueue(task)
+        self.enqueue(task)
         return []
 
     def _start_children(self, task: Task) -> list[int]:
@@ -360,31 +353,25 @@ class Runtime:
 
     def _queue_shards_later(self, template: Task, ids: list[int], e: OSError) -> None:
         self.space.keep(("shards", template.parent_id),
-                        lambda: self._later(self._enqueue_shards(template, ids)), e)
+                        lambda: self.later(self._enqueue_shards(template, ids)), e)
 
     def _queue_shards(self, template: Task, ids: list[int]) -> None:
         for task_id, shard_id in self.store.queue_pending(ids):
             shard = copy(template)
             shard.id, shard.shard_id, shard.name = task_id, shard_id, str(shard_id)
             shard.status = S.QUEUED
-            self._enqueue(shard)
+            self.enqueue(shard)
 
     def _status_of(self, task_id: int) -> TaskStatus:
         upstream = self.store.get(task_id)
         return upstream.status if upstream else S.CANCELLED
 
-    def _enqueue(self, task: Task) -> None:
+    def enqueue(self, task: Task) -> None:
         if task.status != S.QUEUED:
             task.status = S.QUEUED
             self.store.update(task, "status")
-        pool = self.config.pool(task.pool)
-        if pool is not None and pool.engine != "local":
-            self.remote_queue.append(task.id)
-        else:
-            need = self.need_of(pool) if pool else Resources(cpus=1)
-            gang = task.parent_id if task.gang else None
-            self.queued.add(Request(task.id, task.pool, need, task.priority, gang))
-        self._request_schedule()
+        self.dispatch_of(task.pool).add(task, self.config.pool(task.pool))
+        self.request_schedule()
 
     def _settled_status(self, task: Task) -> TaskStatus:
         if task.cancel_requested:
@@ -397,7 +384,6 @@ class Runtime:
         assert not task.status.is_final()
         task.status, task.resolved_at = status, self.now()
         self.store.update(task, "status", "resolved_at")
-        self.queued.discard(task.id)
         self._release(task.id)
         follow = [dependent for dependent, _ in self.store.dependents(task.id)]
         if status in NEVER_RAN_STATES or status == S.CANCELLED:
@@ -415,8 +401,8 @@ class Runtime:
         """A task started or stopped waiting for its subtree: its local CPUs count as free
         (or used) again from the next scheduling pass on."""
         self._lend_cpus(task_id, blocked)
-        self._request_schedule()
-        self._changed()
+        self.request_schedule()
+        self.changed()
 
     def _lend_cpus(self, task_id: int, on: bool) -> None:
         """Tell the engine of a remote task that its command waits in a vrun (or stopped
@@ -425,23 +411,19 @@ class Runtime:
         task = self.store.get(task_id)
         if task is None or not task.handle:
             return
-        engine = self.engine_of(task.pool)
-        if engine.places_work:
-            job = asyncio.get_running_loop().create_task(engine.lend_cpus(task.handle, on))
-            self._jobs.add(job)  # keep a reference until it is done
-            job.add_done_callback(self._jobs.discard)
+        self.later(self.engine_of(task.pool).lend_cpus(task.handle, on))
 
     def _release(self, task_id: int) -> None:
-        self.alloc_pools.pop(task_id, None)
-        if self.allocs.pop(task_id, None) is not None:
-            self._request_schedule()
-        timer = self.timers.pop(task_id, None)
-        if timer:
-            timer.cancel()
+        """The task starts no more (queued) or ended its attempt: what it held is free."""
+        for dispatch in self._dispatches():
+            dispatch.discard(task_id)
+            if dispatch.release(task_id):
+                self.request_schedule()
+        self.timeouts.disarm(task_id)
 
     # --- scheduling
 
-    def _request_schedule(self) -> None:
+    def request_schedule(self) -> None:
         if self._schedule_pending:
             return
         self._schedule_pending = True
@@ -461,103 +443,71 @@ class Runtime:
         nothing starts: a start is a write."""
         if self.space.full:
             return
-        remote, self.remote_queue = self.remote_queue, []
-        placements, self.reserving = [], []
-        if self.queued:
-            with self.queued.scan() as queue:
-                placements = schedule(queue, self.free_capacity(), self.reserving)
-        if not remote and not placements:
+        taken = [(dispatch, dispatch.take()) for dispatch in self._dispatches()]
+        if not any(t for _, t in taken):
             return
         started: list[Task] = []
         try:
             with self._writing():
-                self._new_attempts(remote, placements, started)
+                for _, each in taken:
+                    self._new_attempts(each, started)
         except OSError as e:
             if not is_full(e):
                 raise
-            self._unstart(remote, started)  # they wait, queued, until there is space
+            for dispatch, each in taken:  # they wait, queued, until there is space
+                dispatch.give_back(each)
             return
-        for placement in placements:
-            self.queued.discard(placement.task_id)
-        for task in started:
-            await self._launch(task)
+        for dispatch, each in taken:
+            dispatch.started(each)
+        await self._launch_all(started)
         if started:
-            self._changed()
+            self.changed()
 
-    def _new_attempts(
-        self, remote: list[int], placements: list[Placement], started: list[Task]
-    ) -> None:
-        for remote_task in self.store.get_many(remote):
-            if remote_task.status == S.QUEUED and remote_task.handle is None:
-                self._new_attempt(remote_task, None)
-                started.append(remote_task)
-        for placement in placements:
-            task = self.store.get(placement.task_id)
-            if task is not None and task.status == S.QUEUED:
-                self._new_attempt(task, placement.allocation)
+    def _new_attempts(self, taken: Taken, started: list[Task]) -> None:
+        allocs = dict(taken)
+        for task in self.store.get_many(list(allocs)):
+            if task.status == S.QUEUED and task.submitted_at is None:
+                self._new_attempt(task, allocs[task.id])
                 started.append(task)
 
-    def _unstart(self, remote: list[int], started: list[Task]) -> None:
-        """A start that could not be written: its tasks stay queued, holding nothing."""
-        self.remote_queue = remote + self.remote_queue
-        for task in started:
-            self.allocs.pop(task.id, None)
-            self.alloc_pools.pop(task.id, None)
-
     def free_capacity(self) -> Capacity:
-        """What is free: a blocked task's CPUs count as free (below zero once it takes them
-        back while others use them); GPUs stay with whoever holds them."""
-        total = self.local.capacity()
-        used_cpus = sum(a.cpus for t, a in self.allocs.items() if t not in self.blocked)
-        used_gpus = {g for a in self.allocs.values() for g in a.gpu_ids}
-        return Capacity(
-            free=Resources(total.cpus - used_cpus, total.gpus - len(used_gpus)),
-            free_gpus=[g for g in range(total.gpus) if g not in used_gpus],
-            pool_slots=self._pool_slots(),
-        )
-
-    def _pool_slots(self) -> dict[str, int]:
-        slots = {}
-        for pool in self.config.pools.values():
-            if pool.capacity is not None:
-                running = sum(1 for p in self.alloc_pools.values() if p == pool.name)
-                slots[pool.name] = pool.capacity - running
-        return slots
+        return self.machine.free_capacity()
 
     def _new_attempt(self, task: Task, alloc: Allocation | None) -> None:
         """Local tasks (with an allocation) run from here on; remote ones stay QUEUED, marked
         as handed to their engine, until it reports them running."""
+        task.submitted_at, task.handle = self.now(), None
         if alloc is not None:
-            self.allocs[task.id] = alloc
-            self.alloc_pools[task.id] = task.pool
-            task.status, task.started_at, task.handle = S.RUNNING, self.now(), None
-        else:
-            task.handle = {"submitted": True}
+            self.machine.hold(task.id, alloc, task.pool)
+            task.status, task.started_at = S.RUNNING, task.submitted_at
         task.alloc = alloc
         task.finished_at = task.exit_code = task.signal = task.reason = None
-        task.reason_detail = None
+        task.reason_detail = task.stop_cause = None
         task.attempt += 1
         self.store.update(
             task, "status", "started_at", "alloc", "handle", "attempt", "finished_at",
-            "exit_code", "signal", "reason", "reason_detail",
+            "exit_code", "signal", "reason", "reason_detail", "submitted_at", "stop_cause",
         )
         if alloc is not None:
             self.store.record_attempt(task)
 
-    async def _launch(self, task: Task) -> None:
-        try:
-            launch = self.launch_of(task)
-            engine = self.engine_of(task.pool)
-            handle = await engine.start(launch)
-        except Exception as e:  # whatever it is, it ends this attempt and no other
-            self._launch_failed(task, e)
-            return
-        if engine.places_work:
-            self._keep_handle(task.id, task.attempt, handle)
-        else:
-            self.sampler.watch(launch.attempt_dir)
-        if task.timeout_s:
-            self._arm_timeout(task)
+    async def _launch_all(self, started: list[Task]) -> None:
+        """Hand the new attempts to their engines, all of one engine at once."""
+        by_engine: dict[int, tuple[Engine, list[tuple[Task, Launch]]]] = {}
+        for task in started:
+            try:
+                engine, launch = self.engine_of(task.pool), self.launch_of(task)
+            except Exception as e:  # whatever it is, it ends this attempt and no other
+                self._launch_failed(task, e)
+                continue
+            by_engine.setdefault(id(engine), (engine, []))[1].append((task, launch))
+        for engine, pairs in by_engine.values():
+            results = await engine.start_many([launch for _, launch in pairs])
+            for (task, _), result in zip(pairs, results, strict=True):
+                if isinstance(result, Exception):
+                    self._launch_failed(task, result)
+                else:
+                    self._keep_handle(task.id, task.attempt, result)
 
     def _launch_failed(self, task: Task, error: Exception) -> None:
         """The attempt could not start: it ends FAILURE (engine-error), says why in its
@@ -573,54 +523,24 @@ class Runtime:
         self.exited(str(task.id), task.attempt, exit)
 
     def _keep_handle(self, task_id: int, attempt: int, handle: Handle) -> None:
-        """What a remote engine needs to cancel or signal a task it has not started yet."""
+        """What an engine needs to cancel or signal an attempt it has not started yet."""
         task = self.store.get(task_id)
         if task is None or task.attempt != attempt or task.status != S.QUEUED:
             return  # already running (running() stored its handle) or already ended
         with self.store.transaction():
-            task.handle = {**handle, "submitted": True}
+            task.handle = handle
             self.store.update(task, "handle")
 
     def launch_of(self, task: Task) -> Launch:
-        attempt_dir = self.attempt_dir(task.id, task.attempt)
-        try:
-            attempt_dir.mkdir(mode=0o700)  # logs are the server's alone (docs/security.md)
-        except FileNotFoundError:
-            attempt_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            attempt_dir.mkdir(mode=0o700)
-        except FileExistsError:
-            pass
+        directory = self.attempt_dir(task.id, task.attempt)
+        launches.make_attempt_dir(directory)
         pool = self.config.pool(task.pool) or self.pool(None)
-        gpu_ids = task.alloc.gpu_ids if task.alloc else ()
-        return Launch(
-            task_id=str(task.id), attempt=task.attempt, argv=task.command, cwd=task.cwd,
-            env=self._task_env(task, pool, gpu_ids), pool=pool, gpu_ids=gpu_ids,
-            attempt_dir=attempt_dir, stdout_path=attempt_dir / "stdout",
-            stderr_path=attempt_dir / "stderr",
-        )
+        env = launches.task_env(task, pool, self.store.env_of(task.id),
+                                self.config.server_url or self.url, self.token_for(task.id))
+        return launches.launch_of(task, pool, env, directory, self.home)
 
     def attempt_dir(self, task_id: int, attempt: int) -> Path:
-        """One directory per attempt, straight under logs/: one mkdir per start."""
-        return self.home / "logs" / f"{task_id}.{attempt}"
-
-    def _task_env(self, task: Task, pool: Pool, gpu_ids: tuple[int, ...]) -> dict[str, str]:
-        env = self.store.env_of(task.id)
-        env.setdefault("PYTHONUNBUFFERED", "1")  # a task's output is a file: stream it anyway
-        cpus = task.alloc.cpus if task.alloc else pool.resources.cpus
-        env.update(
-            VELDA_TASK_ID=str(task.id), VELDA_TASK_NAME=task.name or "", VELDA_POOL=task.pool,
-            VELDA_ATTEMPT=str(task.attempt), VELDA_SERVER=self.config.server_url or self.url,
-            VELDA_TOKEN=self.token_for(task.id), OMP_NUM_THREADS=str(max(1, int(cpus))),
-        )
-        if pool.engine == "local":
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
-            # where a client in the task finds (or starts) the server after a restart, when
-            # the server could not get VELDA_SERVER's port back
-            env["VELDA_HOME"] = str(self.home)
-        if task.shard_id is not None:
-            env["VELDA_SHARD_ID"] = str(task.shard_id)
-            env["VELDA_TOTAL_SHARDS"] = str(task.total_shards)
-        return env
+        return launches.attempt_dir(self.home, task_id, attempt)
 
     # --- engine events
 
@@ -652,7 +572,16 @@ class Runtime:
                 fields += ["status", "started_at"]
                 self.store.record_attempt(task)
             self.store.update(task, *fields)
-        self._changed()
+        self.attempt_runs(task)
+        self.changed()
+
+    def attempt_runs(self, task: Task) -> None:
+        """The attempt really runs from now on: its clock starts, and its logs are indexed
+        here unless its engine indexes them itself."""
+        if task.timeout_s and task.started_at is not None:
+            self.timeouts.arm(task.id, task.attempt, task.started_at, task.timeout_s)
+        if not self.engine_of(task.pool).writes_log_index:
+            self.sampler.watch(self.attempt_dir(task.id, task.attempt))
 
     def exited(self, task_id: str, attempt: int, exit: Exit) -> None:
         """An attempt ended. An exit that finds the disk full is kept in memory and written
@@ -675,16 +604,16 @@ class Runtime:
             else:
                 task.status = S.RUNNING_SUBTASKS
                 self.store.update(task, "status")
-                self._cascade([task.id])
-        self._changed()
+                self.cascade([task.id])
+        self.changed()
 
     def _record_exit(self, task: Task, exit: Exit) -> None:
         self._release(task.id)
         reason = exit.reason
         if task.cancel_requested:
             reason = Reason.CANCELLED
-        elif task.handle and task.handle.get("timed_out") and not exit.succeeded:
-            reason = Reason.TIMEOUT
+        elif task.stop_cause is not None and not exit.succeeded:
+            reason = task.stop_cause
         task.finished_at = self.now()
         task.exit_code, task.signal, task.reason = exit.exit_code, exit.signal, reason
         task.reason_detail = exit.detail
@@ -699,28 +628,19 @@ class Runtime:
         )
 
     def _requeue(self, task: Task) -> None:
-        task.finished_at, task.handle = None, None
-        self.store.update(task, "finished_at", "handle")
-        self._enqueue(task)
+        task.finished_at, task.handle, task.submitted_at = None, None, None
+        self.store.update(task, "finished_at", "handle", "submitted_at")
+        self.enqueue(task)
 
-    # --- timeouts
-
-    def _arm_timeout(self, task: Task) -> None:
-        assert task.timeout_s is not None
-        started = task.started_at or self.now()
-        delay = max(0.0, started + task.timeout_s - self.now())
-        loop = asyncio.get_running_loop()
-        self.timers[task.id] = loop.call_later(
-            delay, lambda: asyncio.ensure_future(self._time_out(task.id, task.attempt))
-        )
+    # --- timeouts (the clocks: timeouts.py)
 
     async def _time_out(self, task_id: int, attempt: int) -> None:
         task = self.store.get(task_id)
         if task is None or task.attempt != attempt or task.finished_at is not None:
             return
-        with self.store.transaction():
-            task.handle = {**(task.handle or {}), "timed_out": True}
-            self.store.update(task, "handle")
+        with self._writing():
+            task.stop_cause = Reason.TIMEOUT
+            self.store.update(task, "stop_cause")
         await self._stop(task)
 
     # --- cancel, signal
@@ -733,7 +653,8 @@ class Runtime:
         with self._writing():
             self.store.request_cancel(ids)
         for task_id in ids:
-            self.queued.discard(task_id)  # none of them starts from now on
+            for dispatch in self._dispatches():
+                dispatch.discard(task_id)  # none of them starts from now on
         cancelled: set[int] = set()
         for start in range(0, len(ids), BULK_STEP):  # a big shard set lets other requests in
             with self._writing():
@@ -747,12 +668,12 @@ class Runtime:
                 if self._own_command_running(task):
                     to_stop.append(task)
                 elif task.status in (S.PENDING, S.QUEUED):
-                    self._cascade(self._finalize(task, S.CANCELLED))
+                    self.cascade(self._finalize(task, S.CANCELLED))
                 else:
-                    self._cascade([task.id])
+                    self.cascade([task.id])
         for task in to_stop:
             await self._stop(task)
-        self._changed()
+        self.changed()
 
     async def _stop(self, task: Task) -> None:
         """Ask the engine to stop the attempt; whatever the engine does (no process, no
@@ -781,19 +702,18 @@ class Runtime:
         """What _finalize does for each task, for every waiting task of `ids` at once."""
         ended = self.store.cancel_waiting(ids, self.now())
         for task_id, _ in ended:
-            self.queued.discard(task_id)
             self._release(task_id)
             self.blocked.ended(task_id)
         done = {task_id for task_id, _ in ended}
         parents = {p for _, p in ended if p is not None and p not in done}
         follow = [t for t in self.store.dependents_of(sorted(done)) if t not in done]
-        self._cascade(follow + sorted(parents))
+        self.cascade(follow + sorted(parents))
         return done
 
     def _own_command_running(self, task: Task) -> bool:
         if task.status == S.RUNNING:
             return True
-        return task.status == S.QUEUED and task.handle is not None  # submitted to an engine
+        return task.status == S.QUEUED and task.submitted_at is not None  # in its engine
 
     async def retry(self, task_id: int, key: str | None = None) -> None:
         """Reopen a task; a repeated `key` (the same request again) reopens nothing."""
@@ -807,8 +727,8 @@ class Runtime:
         with self.store.transaction():
             if key:
                 self.store.set_retry_key(task_id, key)
-            self._cascade(reopen(self.store, task))
-        self._changed()
+            self.cascade(reopen(self.store, task))
+        self.changed()
 
     async def pool_usage(self) -> list[dict[str, object]]:
         """Every configured pool, `shell`, and each built-in cpu-N/gpu-N that tasks in the
@@ -820,12 +740,7 @@ class Runtime:
 
     def machine_usage(self) -> dict[str, float]:
         """This machine's CPUs and GPUs for local pools: in all, held by running tasks, free."""
-        total, free = self.local.capacity(), self.free_capacity().free
-        return {
-            "cpus": total.cpus, "cpus_used": total.cpus - max(free.cpus, 0.0),
-            "cpus_free": max(free.cpus, 0.0),
-            "gpus": total.gpus, "gpus_used": total.gpus - free.gpus, "gpus_free": free.gpus,
-        }
+        return self.machine.machine_usage()
 
     async def _usage_of(self, pool: Pool, counts: dict[str, int]) -> dict[str, object]:
         error, capacity = None, None
@@ -833,8 +748,7 @@ class Runtime:
             await self.check_pool(pool)
         except EngineError as e:
             error = str(e)
-        if pool.engine == "local":
-            capacity = self.tasks_at_once(pool)
+        capacity = self.dispatch_of(pool.name).tasks_at_once(pool)
         r = pool.resources
         return {
             "name": pool.name, "engine": pool.engine,
@@ -853,102 +767,38 @@ class Runtime:
             raise BadRequest(f"task {task_id} is not running", "id", status=409)
         await self.engine_of(task.pool).signal(task.handle, signum)
 
-    # --- recovery after a restart
+    # --- recovery after a restart (recovery.py)
 
     async def recover(self) -> None:
         """Find every unfinished task again: queued ones queue, running ones are adopted
         (their processes kept running while the server was down)."""
-        open_tasks = self.store.open_tasks()
-        for task in open_tasks:
-            if task.status == S.RUNNING and task.alloc is not None:
-                self.allocs[task.id] = task.alloc
-                self.alloc_pools[task.id] = task.pool
-        for task in open_tasks:
-            await self._recover_safely(task)
-        self._recover_blocked(open_tasks)
-        self._changed()
-        self._request_schedule()
+        await Recovery(self).run()
 
-    def _recover_blocked(self, open_tasks: list[Task]) -> None:
-        """A parent whose `vrun` child is still open waits again, until the `vrun` inside it
-        reconnects (and from then on for as long as it follows); this also tells a remote
-        engine again, in case its last word never reached the node."""
-        for task in open_tasks:
-            if task.blocking and task.parent_id is not None:
-                now = self.store.get(task.id)
-                if now is not None and not now.status.is_final():
-                    self.blocked.submitted(task.id, task.parent_id)
+    def hold(self, task: Task) -> None:
+        """A running local task found again keeps what it was given."""
+        if task.alloc is not None:
+            self.machine.hold(task.id, task.alloc, task.pool)
 
-    async def _recover_safely(self, task: Task) -> None:
-        """A server starts on a full disk too: what it cannot write yet waits for space."""
-        try:
-            await self._recover_one(task)
-        except OSError as e:
-            if not is_full(e):
-                raise
+    def unhold(self, task_id: int) -> None:
+        self.machine.release(task_id)
 
-            def again() -> None:
-                self._later(self._recover_safely(task))
-
-            self.space.keep(("recover", task.id), again, e)
-
-    def _later(self, job: Coroutine[Any, Any, None]) -> None:
+    def later(self, job: Coroutine[Any, Any, None]) -> None:
         future = asyncio.get_running_loop().create_task(job)
         self._jobs.add(future)  # keep a reference until it is done
         future.add_done_callback(self._jobs.discard)
-
-    async def _recover_one(self, task: Task) -> None:
-        if task.status == S.QUEUED and task.handle is None:
-            with self.store.transaction():
-                self._enqueue(task)
-            return
-        if task.status not in (S.RUNNING, S.QUEUED):
-            with self.store.transaction():
-                self._cascade([task.id])
-            return
-        try:
-            await self.engine_of(task.pool).adopt(
-                str(task.id), task.attempt, task.handle or {}, self.launch_of(task)
-            )
-        except NotStartedError:
-            with self.store.transaction():
-                self.allocs.pop(task.id, None)
-                self.alloc_pools.pop(task.id, None)
-                task.attempt -= 1
-                task.status = S.QUEUED
-                self.store.update(task, "attempt", "status")
-                self._enqueue(task)
-            return
-        except Exception as e:  # the engine cannot find it again: it must not stay RUNNING
-            log.warning("task %s: cannot find it again: %s", task.id, e)
-            detail = f"its engine could not find it again after a restart: {e}"
-            self.exited(str(task.id), task.attempt, Exit(None, None, Reason.LOST, detail))
-            return
-        self._watch_adopted(task)
-        if task.timeout_s and task.status == S.RUNNING:
-            self._arm_timeout(task)
-
-    def _watch_adopted(self, task: Task) -> None:
-        """Go on indexing the logs of an adopted local attempt that is still running."""
-        now = self.store.get(task.id)
-        if now is None or now.finished_at is not None or now.status != S.RUNNING:
-            return
-        if not self.engine_of(task.pool).places_work:
-            self.sampler.watch(self.attempt_dir(task.id, task.attempt))
 
     async def close(self) -> None:
         self.sampler.close()
         self.space.close()
         for deadline in self.deadlines.values():
             deadline.cancel()
-        for timer in self.timers.values():
-            timer.cancel()
+        self.timeouts.close()
         for engine in self.engines.values():
             await engine.close()
 
     # --- notifications
 
-    def _changed(self) -> None:
+    def changed(self) -> None:
         self.notifier.bump()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from velda.models import Children, Dependency, Task, TaskStatus
-from velda.store.sqlite import SqliteStore
+from velda.store.base import Store
 
 _SECRET = re.compile(
     r"TOKEN|SECRET|PASSWORD|PASSWD|PASS$|KEY|CREDENTIAL|AUTH|PRIVATE|COOKIE",
@@ -35,7 +35,7 @@ def rfc3339(ts: float | None) -> str | None:
 
 
 def task_json(
-    task: Task, children: Children, store: SqliteStore, deps: list[Dependency] | None = None
+    task: Task, children: Children, store: Store, deps: list[Dependency] | None = None
 ) -> dict[str, Any]:
     deps = store.dependencies(task.id) if deps is None else deps
     return {
@@ -74,7 +74,7 @@ def _waiting_for(task: Task, deps: list[Dependency]) -> dict[str, Any] | None:
     return explain_waiting(task, deps)
 
 
-def task_detail(task: Task, store: SqliteStore, show_env: bool = False) -> dict[str, Any]:
+def task_detail(task: Task, store: Store, show_env: bool = False) -> dict[str, Any]:
     """One task with what only its own page needs; secret-looking environment values
     masked unless `show_env` (which only the server token may ask for)."""
     data = task_json(task, store.children_counts([task.id])[task.id], store)
@@ -120,12 +120,12 @@ def _with_causes(attempts: list[dict[str, Any]], retries: int) -> list[dict[str,
     return out
 
 
-def _ancestors(task: Task, store: SqliteStore) -> list[dict[str, Any]]:
+def _ancestors(task: Task, store: Store) -> list[dict[str, Any]]:
     chain = store.get_many(store.ancestor_ids(task.id))
     return [{"id": str(parent.id), "name": parent.name} for parent in reversed(chain)]
 
 
-def tasks_json(tasks: list[Task], store: SqliteStore) -> list[dict[str, Any]]:
+def tasks_json(tasks: list[Task], store: Store) -> list[dict[str, Any]]:
     ids = [t.id for t in tasks]
     counts, deps = store.children_counts(ids), store.dependencies_of(ids)
     return [task_json(t, counts[t.id], store, deps[t.id]) for t in tasks]

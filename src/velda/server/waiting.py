@@ -42,10 +42,10 @@ class Machine:
     """What this machine has free and who holds the rest, read once for a page of tasks."""
 
     def __init__(self, runtime: Runtime) -> None:
-        self.total = runtime.local.capacity()
+        self.total = runtime.machine.engine.capacity()
         self.capacity = runtime.free_capacity()
         self.free = Resources(self.capacity.free.cpus, len(self.capacity.free_gpus))
-        allocs = runtime.allocs
+        allocs = runtime.machine.allocs
         self.gpu_holders = sorted(t for t, a in allocs.items() if a.gpu_ids)
         # a blocked task's CPUs are free already: it holds none
         self.cpu_holders = sorted(t for t in allocs if t not in runtime.blocked)
@@ -62,7 +62,8 @@ class _MachineCache:
 
     def __call__(self) -> Machine:
         rt = self.runtime
-        key = (rt.notifier.version, len(rt.allocs), len(rt.blocked), len(rt.reserving))
+        dispatch = rt.machine
+        key = (rt.notifier.version, len(dispatch.allocs), len(rt.blocked), len(dispatch.reserving))
         if self.machine is None or key != self.key:
             self.key, self.machine = key, Machine(rt)
         return self.machine
@@ -104,7 +105,7 @@ def _queued(runtime: Runtime, task: Task, machine: Machine) -> Explanation:
     pool = runtime.config.pool(task.pool)
     if pool is not None and pool.engine != "local":
         return _engine(task, pool)
-    need = runtime.need_of(pool) if pool else Resources(cpus=1)
+    need = runtime.machine.need_of(pool) if pool else Resources(cpus=1)
     if need.gpus > machine.total.gpus:
         found = {"reason": "capacity", "needs": _amount(need, True), "free": "-"}
         gpus = machine.total.gpus
@@ -121,7 +122,7 @@ def _queued(runtime: Runtime, task: Task, machine: Machine) -> Explanation:
 
 def _engine(task: Task, pool: Pool) -> Explanation:
     found = {"reason": "engine", "engine": pool.engine, "pool": pool.name}
-    if task.handle is None:
+    if task.submitted_at is None:
         return _said(found, f"about to be handed to the {pool.engine} engine of pool {pool.name}")
     return _said(
         found, f"handed to the {pool.engine} engine of pool {pool.name}, which has not started it"
@@ -129,7 +130,7 @@ def _engine(task: Task, pool: Pool) -> Explanation:
 
 
 def _pool_full(runtime: Runtime, task: Task, pool: Pool) -> Explanation:
-    holders = sorted(t for t, p in runtime.alloc_pools.items() if p == pool.name)
+    holders = sorted(t for t, p in runtime.machine.alloc_pools.items() if p == pool.name)
     limit = pool.capacity or 0
     found = {"reason": "pool_capacity", "pool": pool.name, "limit": limit, **_held(holders)}
     slots = "1 task" if limit == 1 else f"{limit} tasks"
@@ -167,7 +168,7 @@ def _gpus_never_free(
 ) -> bool:
     waiting_for_it = _blocked_ancestors(runtime, task)
     could_free = sum(
-        len(runtime.allocs[t].gpu_ids) for t in holders if t not in waiting_for_it
+        len(runtime.machine.allocs[t].gpu_ids) for t in holders if t not in waiting_for_it
     )
     return free.gpus + could_free < need.gpus
 
@@ -176,7 +177,7 @@ def _reserved(
     runtime: Runtime, task: Task, need: Resources, free: Resources, shards: int
 ) -> Explanation:
     """It fits in what is free: either a task ahead holds that back, or it starts now."""
-    ahead = [t for t in runtime.reserving if t != task.id]
+    ahead = [t for t in runtime.machine.reserving if t != task.id]
     found = _sized(need, free, shards, [])
     if not ahead:
         return _said(found, f"{_needs(shards)} {found['needs']}, which is free; starting")

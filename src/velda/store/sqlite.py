@@ -94,12 +94,15 @@ CREATE TABLE IF NOT EXISTS attempts (
 # Kept out of Task: the key a client sent with the submit that made the task, and the key of
 # the last retry applied to it, so a request repeated after a lost answer changes nothing.
 # (reason_detail is a field of Task: why its attempt ended, in words.)
-_ADDED_COLUMNS = (("idempotency_key", "TEXT"), ("retry_key", "TEXT"), ("reason_detail", "TEXT"))
+_ADDED_COLUMNS = (
+    ("idempotency_key", "TEXT"), ("retry_key", "TEXT"), ("reason_detail", "TEXT"),
+    ("submitted_at", "REAL"), ("stop_cause", "TEXT"),
+)
 
 _COLUMNS = (
     "id parent_id name status pool command env cwd labels priority attempt retries timeout_s "
     "exit_code signal reason created_at started_at finished_at resolved_at blocking shard_id "
-    "total_shards gang handle alloc cancel_requested reason_detail"
+    "total_shards gang handle alloc cancel_requested reason_detail submitted_at stop_cause"
 ).split()
 _JSON_COLUMNS = {"command", "env", "labels", "handle"}
 # Reads leave out the environment, by far the largest column: only starting a task and its
@@ -133,6 +136,7 @@ def _decode(row: sqlite3.Row) -> Task:
         values["alloc"] = _allocation(alloc)
     values["status"] = clean.status(values["status"])
     values["reason"] = clean.reason(values["reason"])
+    values["stop_cause"] = clean.reason(values["stop_cause"])
     for flag in ("blocking", "gang", "cancel_requested"):
         values[flag] = bool(values[flag])
     return Task(**values)
