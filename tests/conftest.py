@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, missing_tools
+from slurm_cluster import SlurmCluster, missing_tools, searchable_tmpdir
 from velda_cli import Velda
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ml-pipeline"
@@ -62,7 +62,7 @@ def slurm() -> Iterator[SlurmCluster]:
                 " (apt-get install slurm-wlm munge iproute2)")
     if os.geteuid() != 0:
         missing("the Slurm tests need root (their daemons run in a network namespace)")
-    root = tempfile.mkdtemp(prefix="vslurm-")
+    root = tempfile.mkdtemp(prefix="vslurm-", dir=searchable_tmpdir())
     cluster = SlurmCluster()
     try:
         cluster.start(Path(root))

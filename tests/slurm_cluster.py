@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,6 +77,16 @@ GRES_CONF = """\
 AutoDetect=off
 NodeName=n[1-2] Name=gpu Type=fake Count=1 File=/dev/null
 """
+
+
+def searchable_tmpdir() -> Path:
+    """Where a cluster's directory may go: munged refuses a socket below a directory that
+    others cannot enter, and a private TMPDIR (0700, as CI gives each run) is one. Then the
+    system's /tmp (1777) is used; the fixture removes what it made there."""
+    tmp = Path(tempfile.gettempdir()).resolve()
+    if all(os.stat(d).st_mode & 0o001 for d in (tmp, *tmp.parents)):
+        return tmp
+    return Path("/tmp")
 
 
 def missing_tools() -> list[str]:

@@ -207,3 +207,38 @@ def test_a_store_of_the_previous_version_gets_the_key_columns(tmp_path: Path) ->
     assert found is not None and found.id == task_id
     assert store.by_idempotency_key("other") is None
     store.close()
+
+
+def test_a_store_of_the_previous_version_keeps_what_its_handles_said(tmp_path: Path) -> None:
+    """An attempt already handed to a cluster is not handed over twice after the upgrade, and
+    one stopped for its timeout still ends `timeout`."""
+    import json
+    import sqlite3
+
+    from velda.models import Reason, Task, TaskStatus
+    from velda.store.sqlite import SqliteStore
+
+    path = tmp_path / "velda.db"
+    store = SqliteStore(path)
+    handed = store.insert(Task(id=0, pool="ray", command=["true"], cwd="/", env={},
+                               status=TaskStatus.QUEUED, created_at=5.0))
+    timed = store.insert(Task(id=0, pool="ray", command=["true"], cwd="/", env={},
+                              status=TaskStatus.RUNNING, created_at=5.0, started_at=7.0))
+    waiting = store.insert(Task(id=0, pool="ray", command=["true"], cwd="/", env={},
+                                status=TaskStatus.QUEUED, created_at=5.0))
+    store.close()
+    old = sqlite3.connect(path)  # as the previous version left it: flags in the handle
+    old.execute("ALTER TABLE tasks DROP COLUMN submitted_at")
+    old.execute("ALTER TABLE tasks DROP COLUMN stop_cause")
+    old.execute("UPDATE tasks SET handle = ? WHERE id = ?",
+                (json.dumps({"key": "1/1", "submitted": True}), handed))
+    old.execute("UPDATE tasks SET handle = ? WHERE id = ?",
+                (json.dumps({"key": "2/1", "timed_out": True}), timed))
+    old.commit()
+    old.close()
+    store = SqliteStore(path)
+    got = {t.id: t for t in store.get_many([handed, timed, waiting])}
+    assert got[handed].submitted_at == 5.0
+    assert (got[timed].submitted_at, got[timed].stop_cause) == (7.0, Reason.TIMEOUT)
+    assert (got[waiting].submitted_at, got[waiting].stop_cause) == (None, None)
+    store.close()

@@ -99,6 +99,18 @@ _ADDED_COLUMNS = (
     ("submitted_at", "REAL"), ("stop_cause", "TEXT"),
 )
 
+# Stores made before submitted_at and stop_cause kept them as flags in the engine's handle: an
+# attempt handed to an engine that places work was {"submitted": true} while QUEUED, and one
+# velda stopped for its timeout had "timed_out". Moved once, with the columns.
+_FLAGS_TO_COLUMNS = f"""
+UPDATE tasks SET submitted_at = COALESCE(started_at, created_at)
+ WHERE status NOT IN ({_FINAL_SQL}) AND json_extract(handle, '$.submitted') IS NOT NULL;
+UPDATE tasks SET stop_cause = 'timeout'
+ WHERE status NOT IN ({_FINAL_SQL}) AND json_extract(handle, '$.timed_out') IS NOT NULL;
+UPDATE tasks SET submitted_at = started_at
+ WHERE submitted_at IS NULL AND status = '{TaskStatus.RUNNING.value}';
+"""
+
 _COLUMNS = (
     "id parent_id name status pool command env cwd labels priority attempt retries timeout_s "
     "exit_code signal reason created_at started_at finished_at resolved_at blocking shard_id "
@@ -229,6 +241,8 @@ class SqliteStore:
                     if is_disk_full(e):
                         raise StoreFull(self.path) from e
                     raise
+        if "submitted_at" not in have:
+            self.db.executescript(_FLAGS_TO_COLUMNS)
         self.db.execute(
             "CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency_key ON tasks(idempotency_key) "
             "WHERE idempotency_key IS NOT NULL"
