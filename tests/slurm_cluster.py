@@ -11,6 +11,7 @@ to `start()`; nothing is read from or written to /etc/slurm, /etc/munge or /run.
     cluster.start(tmp_dir)
     subprocess.run([*cluster.prefix, "sbatch", "--wrap", "true"], env=cluster.env)
     cluster.kill_node("n2")      # SIGKILL that node's slurmd (its jobs' steps run on)
+    cluster.restart_node("n2")   # start it again; returns once sinfo shows it idle
     cluster.stop()               # every process in the namespace, the daemons, the holder
 
 Needs root (a network namespace). As a script, for developers:
@@ -67,7 +68,7 @@ KillWait=2
 MinJobAge=300
 SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
 GresTypes=gpu
-NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[17001-17002] CPUs=2 \
+NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[17001-17002] CPUs=4 \
 RealMemory=4000 Gres=gpu:fake:1 State=UNKNOWN
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
 """
@@ -126,6 +127,12 @@ class SlurmCluster:
         proc = self._daemons.pop(f"slurmd-{node}")
         proc.kill()
         proc.wait()
+
+    def restart_node(self, node: str) -> None:
+        """Start a node's slurmd again after kill_node and return once sinfo shows it idle
+        (ReturnToService=2 brings a node that was down back by itself)."""
+        self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-N", node], netns=True)
+        _wait_for(lambda: self._sinfo().get(node) == "idle", f"{node} idle again in sinfo", self)
 
     def stop(self) -> None:
         """Kill every process in the namespace (daemons, job steps, clients), then the holder

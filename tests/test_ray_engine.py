@@ -31,7 +31,6 @@ from velda_cli import alive
 
 pytestmark = pytest.mark.ray
 
-SERVER_URL = "http://10.9.8.7:7070"  # what nodes should use to reach the velda server
 CPU = Resources(cpus=1)
 _ids = itertools.count(1)
 
@@ -131,7 +130,7 @@ def ray(ray_cluster: RayCluster) -> Iterator[Harness]:
     loop = asyncio.new_event_loop()
     events = Recorder()
     events.loop_thread = threading.get_ident()
-    pool = Pool("ray", "ray", CPU, {"address": ray_cluster.address, "server_url": SERVER_URL})
+    pool = Pool("ray", "ray", CPU, {"address": ray_cluster.address})
     engine = RayEngine(pool, events)
     harness = Harness(loop, engine, events, ray_cluster.address)
     harness.run(engine.check(pool))
@@ -223,7 +222,7 @@ def test_env_and_cwd(ray: Harness, tmp_path: Path) -> None:
     assert seen["cwd"] == str(workdir)
     assert seen["env"]["FOO"] == "bar baz"
     assert seen["env"]["PWD"] == str(workdir)
-    assert seen["env"]["VELDA_SERVER"] == SERVER_URL
+    assert seen["env"]["VELDA_SERVER"] == "http://127.0.0.1:1"  # the launch's, as given
     assert seen["env"]["CUDA_VISIBLE_DEVICES"] == ""  # not the submitter's: no GPU asked
     assert seen["env"]["RAY_ADDRESS"] == ray.address
 

@@ -155,3 +155,22 @@ def test_a_final_state_never_changes_but_by_retry(world: tuple) -> None:
     assert status(runtime, task_id) == S.SUCCESS
     with pytest.raises(BadRequest, match="succeeded; nothing to retry"):
         asyncio.get_event_loop().run_until_complete(runtime.retry(task_id))
+
+
+def test_a_pool_server_url_is_the_velda_server_its_tasks_see(tmp_path: Path) -> None:
+    pools = {"far": Pool("far", "local", Resources(cpus=1), {"server_url": "http://head:7411"})}
+    config = Config(pools=pools, server_url="http://team:7411")
+    engines: list[FakeEngine] = []
+
+    def make(events: EngineEvents) -> FakeEngine:
+        assert isinstance(events, Runtime)
+        engines.append(FakeEngine(events, cpus=2))
+        return engines[0]
+
+    runtime = Runtime(tmp_path, config, SqliteStore(":memory:"), lambda i: f"t{i}",
+                      now=lambda: 1000.0, local=make)
+    submit(runtime, pool="far")
+    submit(runtime, pool="cpu-1")
+    settle(runtime)
+    seen = {launch.pool.name: launch.env["VELDA_SERVER"] for launch in engines[0].started}
+    assert seen == {"far": "http://head:7411", "cpu-1": "http://team:7411"}

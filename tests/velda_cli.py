@@ -16,9 +16,10 @@ FINAL = {"SUCCESS", "FAILURE", "FAILED_UPSTREAM", "SKIPPED", "CANCELLED"}
 
 
 class Velda:
-    def __init__(self, home: Path, cwd: Path) -> None:
+    def __init__(self, home: Path, cwd: Path, prefix: list[str] | None = None) -> None:
         cwd.mkdir(parents=True, exist_ok=True)
         self.home, self.cwd = home, cwd
+        self.prefix = prefix or []  # put before every command (e.g. nsenter into a namespace)
         self.env = {
             k: v for k, v in os.environ.items()
             if not k.startswith("VELDA_") and k not in ("PYTEST_CURRENT_TEST",)
@@ -40,7 +41,7 @@ class Velda:
         input: str | None = None, env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            list(argv), cwd=cwd or self.cwd, env={**self.env, **(env or {})}, text=True,
+            [*self.prefix, *argv], cwd=cwd or self.cwd, env={**self.env, **(env or {})}, text=True,
             capture_output=True, timeout=timeout, input=input,
             stdin=None if input is not None else subprocess.DEVNULL,
         )

@@ -9,7 +9,7 @@ import signal
 import time
 
 from velda.cli.common import fail, help_formatter
-from velda.cli.output import render
+from velda.cli.output import render, table
 from velda.client import Client, VeldaError, healthy, read_server_info, start_server
 from velda.paths import velda_home
 
@@ -206,7 +206,25 @@ def run_pool(args: argparse.Namespace) -> int:
         print(f"this machine: {machine['cpus_used']:g} of {machine['cpus']:g} CPUs in use, "
               f"{machine['cpus_free']:g} free; {machine['gpus_used']} of {machine['gpus']} "
               f"GPUs in use, {machine['gpus_free']} free")
+    for pool in pools:
+        if pool.get("nodes") and args.header != "false":
+            print(_nodes(pool))
     return 0
+
+
+NODE_COLUMNS = ["name", "state", "cpus", "gpus"]
+
+
+def _nodes(pool: dict[str, Any]) -> str:
+    """A Slurm pool's nodes: CPUs and GPUs allocated of all, as `sinfo` reports them."""
+    nodes = pool["nodes"]
+    rows = [{"name": n["name"], "state": n["state"],
+             "cpus": f"{n['cpus_allocated']}/{n['cpus']} allocated",
+             "gpus": f"{n['gpus_allocated']}/{n['gpus']} allocated"} for n in nodes]
+    idle = sum(n["cpus"] - n["cpus_allocated"] for n in nodes)
+    title = (f"\npool {pool['name']}: {len(nodes)} nodes, {idle} CPUs idle"
+             f" of {sum(n['cpus'] for n in nodes)}")
+    return title + "\n" + table(rows, NODE_COLUMNS)
 
 
 def _resources(r: dict[str, Any]) -> str:

@@ -17,8 +17,31 @@ Registry = Mapping[str, str]  # engine name -> "module:class", the class taking 
 
 REGISTRY: Registry = {
     "ray": "velda.engines.ray:RayEngine",
+    "slurm": "velda.engines.slurm:SlurmEngine",
 }
 ENGINE_NAMES = ("local", *REGISTRY)
+
+
+class Engines:
+    """The engine of each pool: the local engine for local pools (and for a pool that left
+    velda.toml while it had tasks), one engine per other pool, made on first use."""
+
+    def __init__(self, local: Engine, registry: Registry, events: EngineEvents) -> None:
+        self.local = local
+        self.registry = registry
+        self.events = events
+        self._built: dict[str, Engine] = {}
+
+    def of(self, pool: Pool | None) -> Engine:
+        if pool is None or pool.engine == "local":
+            return self.local
+        key = f"{pool.engine}:{pool.name}"
+        if key not in self._built:
+            self._built[key] = build_engine(self.registry, pool, self.events)
+        return self._built[key]
+
+    def all(self) -> list[Engine]:
+        return [self.local, *self._built.values()]
 
 
 def build_engine(registry: Registry, pool: Pool, events: EngineEvents) -> Engine:

@@ -10,8 +10,9 @@ a task as soon as its dependencies are met and they report `running` when it rea
 The local engine sets it to False: velda's scheduler counts its CPUs and GPUs. That flag picks
 how the server dispatches a pool's tasks (server/dispatch.py) and is read nowhere else.
 
-An engine is one module that registers itself by one line in `engines/__init__.py`. The
-contract every engine passes is tests/test_engine_contract.py.
+An engine is one module that registers itself by one line in `engines/__init__.py`. Each
+engine's tests (tests/test_ray_engine.py, tests/test_slurm_engine.py) drive it through this
+protocol with an EngineEvents that checks the order of its reports.
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ class Engine(Protocol):
 
     def capacity(self) -> Resources:
         """Total resources (only used when places_work is False)."""
+
+    async def inventory(self, pool: Pool) -> dict[str, Any] | None:
+        """What the pool's engine has, for `velda pool list` (Slurm: the partition's nodes
+        with their CPUs and GPUs, idle and allocated); None when it has nothing to add.
+        Raises EngineError when it cannot tell."""
 
     async def start(self, launch: Launch) -> Handle:
         """Start (or submit) one attempt and return what is needed to find it again.

@@ -1,13 +1,10 @@
 """The local engine: runs each attempt as a process group on this machine.
 
-The server does not stay between the task and its output: a tiny `/bin/sh` wrapper (about a
-megabyte, no interpreter) becomes the leader of a new session, runs the command with stdout and
-stderr opened straight onto the attempt's log files, and writes the exit status to a file. So a
-task keeps running, and its logs and exit status are recorded, while the server is down; the
-next server finds it again through `adopt`.
-
-The wrapper reports a command killed by signal N as 128+N, like every shell: velda reads an exit
-status above 128 as that signal.
+The server does not stay between the task and its output: the status-file wrapper of
+status_file.py (a tiny `/bin/sh` script, about a megabyte, no interpreter) becomes the leader of
+a new session, runs the command with stdout and stderr opened straight onto the attempt's log
+files, and writes the exit status to a file. So a task keeps running, and its logs and exit
+status are recorded, while the server is down; the next server finds it again through `adopt`.
 """
 
 from __future__ import annotations
@@ -30,39 +27,10 @@ from velda.engines.base import (
 )
 from velda.engines.pids import start_time
 from velda.engines.run_as import task_user
+from velda.engines.status_file import WRAPPER, exit_from_status, read_int, unusable_env
 from velda.logindex import INDEX
 from velda.models import Exit, Pool, Reason, Resources
 
-_WRAPPER = r"""
-d=$1
-cd "$2" 2>/dev/null || {
-  echo "velda: cannot enter the working directory $2" >&3; echo 126 > "$d/status"; exit 126; }
-shift 2
-echo $$ > "$d/pid"
-echo '        ' > "$d/status"
-trap : INT TERM HUP QUIT USR1 USR2
-( exec 2>&3 3>&-
-  case $1 in
-  */*) if [ ! -e "$1" ]; then echo "velda: cannot run '$1': no such file" >&2; exit 127
-       elif [ ! -f "$1" ] || [ ! -x "$1" ]; then
-         echo "velda: permission denied: $1 is not executable" >&2; exit 126; fi ;;
-  *) command -v "$1" >/dev/null || {
-       echo "velda: cannot run '$1': command not found" >&2; exit 127; } ;;
-  esac
-  exec "$@" )
-s=$?
-echo $s 1<> "$d/status"
-exit $s
-"""
-# fd 3 is the task's stderr; the wrapper's own stderr is /dev/null, so that the shell's note
-# about a child killed by a signal ("Killed") never lands in the task's stderr. The subshell
-# execs the command: one fork per task, as without it; the trap is reset in it. Before the
-# exec it looks the command up with builtins only (no fork), so that a command that cannot
-# start says why in words a user can act on, with a shell's exit codes (127, 126), instead of
-# the shell's own "velda-task: 7: exec: ...: not found".
-# The status file is written blank at the start and overwritten in place (`1<>`) at the end,
-# so the exit status finds room on a disk that filled up meanwhile; the wrapper also exits
-# with it, for the server to read from waitpid when even that failed.
 _SH = shutil.which("sh") or "/bin/sh"
 # A task starts with every signal at its default action and none blocked, however the server
 # was started: a server started by a `vbatch &` in a script inherits SIGINT and SIGQUIT
@@ -98,27 +66,6 @@ def _machine(cpus: float | None, gpus: int | None) -> Resources:
         cpus=discover_cpus() if cpus is None else cpus,
         gpus=discover_gpus() if gpus is None else gpus,
     )
-
-
-def exit_from_status(code: int) -> Exit:
-    if 128 < code <= 128 + 64:
-        return Exit.from_signal(code - 128)
-    return Exit.from_code(code)
-
-
-def _read_int(path: Path) -> int | None:
-    # written by the task's side: a symlink or a FIFO there must not make the server read
-    # another file or block (a pool's task user owns these files)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        return int(os.read(fd, 64).strip())
-    except (OSError, ValueError):
-        return None
-    finally:
-        os.close(fd)
 
 
 class LocalEngine:
@@ -161,7 +108,7 @@ class LocalEngine:
         if not os.path.isdir(launch.cwd):  # removed since the submit
             raise EngineError(f"working directory {launch.cwd} does not exist")
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-        argv = [_SH, "-c", _WRAPPER, "velda-task", str(launch.attempt_dir), launch.cwd]
+        argv = [_SH, "-c", WRAPPER, "velda-task", str(launch.attempt_dir), launch.cwd]
         argv, env = self._as_pool_user(launch, argv + launch.argv, _local_env(launch))
         try:
             pid = os.posix_spawn(
@@ -205,7 +152,7 @@ class LocalEngine:
         return user.prefix() + argv, user.environment(env)
 
     async def adopt(self, task_id: str, attempt: int, handle: Handle, launch: Launch) -> None:
-        pid = handle.get("pid") or _read_int(launch.attempt_dir / "pid")
+        pid = handle.get("pid") or read_int(launch.attempt_dir / "pid")
         alive = pid is not None and (
             handle.get("start") is None or start_time(pid) == handle.get("start")
         )
@@ -224,6 +171,9 @@ class LocalEngine:
         _killpg(handle, signal.SIGCONT)
         _killpg(handle, signal.SIGTERM)
         asyncio.get_running_loop().call_later(grace_s, _killpg, handle, signal.SIGKILL)
+
+    async def inventory(self, pool: Pool) -> None:
+        return None  # this machine's CPUs and GPUs are the server's machine_usage()
 
     async def lend_cpus(self, handle: Handle, on: bool) -> None:
         return None  # a blocked task's CPUs count as free in Runtime.free_capacity
@@ -256,7 +206,7 @@ class LocalEngine:
 
     @staticmethod
     def _read_exit(attempt_dir: Path, wait_status: int | None) -> Exit:
-        code = _read_int(attempt_dir / "status")
+        code = read_int(attempt_dir / "status")
         if code is not None:
             return exit_from_status(code)
         if wait_status is not None and os.WIFSIGNALED(wait_status):
@@ -274,20 +224,6 @@ def _local_env(launch: Launch) -> dict[str, str]:
     if launch.server_home is not None:
         env["VELDA_HOME"] = str(launch.server_home)
     return env
-
-
-def unusable_env(env: dict[str, str], error: ValueError) -> str:
-    """A line naming the environment variable the system cannot take."""
-    for key, value in env.items():
-        if not key or "=" in key or "\0" in key:
-            return f"cannot start: environment variable name {key!r} is not valid"
-        if "\0" in value:
-            return f"cannot start: environment variable {key} holds a NUL byte"
-        try:
-            os.fsencode(key), os.fsencode(value)
-        except UnicodeError:
-            return f"cannot start: environment variable {key!r} is not valid text"
-    return f"cannot start: the environment is not valid ({error})"
 
 
 def _killpg(handle: Handle, signum: int) -> None:

@@ -89,8 +89,7 @@ class RayEngine:
 
     Pool options read: `address` (GCS address `host:port`, default `$RAY_ADDRESS` or `auto`),
     `workdir` (`shared`: the same path on every node; `upload`: ship the cwd with each
-    attempt), `server_url` (the velda server address nodes should use, overriding
-    VELDA_SERVER), `connect_timeout` (s, default 30), `head_timeout` (s, default 15: how
+    attempt), `connect_timeout` (s, default 30), `head_timeout` (s, default 15: how
     long the head may be unreachable before running attempts are reported lost) and
     `node_timeout` (s, default 30: how long a running attempt's node may not answer before
     the attempt is reported lost). What a task asks of Ray comes from `pool.resources` of
@@ -105,8 +104,6 @@ class RayEngine:
         self.events = events
         options = pool.options
         self.address = str(options.get("address") or os.environ.get("RAY_ADDRESS") or "auto")
-        server_url = options.get("server_url")
-        self.server_url = str(server_url) if server_url else None
         self.connect_timeout_s = float(str(options.get("connect_timeout", 30)))
         self.head_timeout_s = float(str(options.get("head_timeout", 15)))
         self.node_timeout_s = float(str(options.get("node_timeout", 30)))
@@ -150,6 +147,9 @@ class RayEngine:
 
     async def cancel(self, handle: Handle, grace_s: float) -> None:
         await self._to_attempt(handle, {"op": "cancel", "grace_s": grace_s})
+
+    async def inventory(self, pool: Pool) -> None:
+        return None
 
     async def lend_cpus(self, handle: Handle, on: bool) -> None:
         """The attempt's command waits in a `vrun` (on) or no longer does (off): while it
@@ -285,8 +285,6 @@ class RayEngine:
     def _task_env(self, launch: Launch) -> dict[str, str]:
         env = dict(launch.env)
         env.pop("CUDA_VISIBLE_DEVICES", None)  # the submitter's; Ray assigns the node's
-        if self.server_url:
-            env["VELDA_SERVER"] = self.server_url
         return env
 
     # --- attempts of an earlier server's bridge

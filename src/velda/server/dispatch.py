@@ -12,7 +12,9 @@ Both take what can start now, and on a start that could not be committed give it
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
+from pathlib import Path
 
 from velda.config import Config
 from velda.engines.base import Engine
@@ -126,6 +128,15 @@ class LocalDispatch:
             f"{machine.cpus:g}: each of its tasks runs alone on all of them"
         )
 
+    def fix_for(self, pool: Pool, config_file: Path) -> str | None:
+        """How to make a pool that asks for GPUs this machine lacks run on its CPUs: one
+        line a shell can run as it is."""
+        if not pool.resources.gpus:
+            return None
+        lines = f'\\n[pools.{pool.name}]\\nengine = "local"\\ncpus = 1\\n'
+        return (f"to run its tasks on CPUs instead: printf '{lines}' >> "
+                f"{shlex.quote(str(config_file))} (the server reads it within a second)")
+
     def machine_usage(self) -> dict[str, float]:
         """The machine's CPUs and GPUs: in all, held by running tasks, free."""
         total, free = self.engine.capacity(), self.free_capacity().free
@@ -172,3 +183,6 @@ class HandOver:
 
     def notice_for(self, pool: Pool) -> str | None:
         return None
+
+    def fix_for(self, pool: Pool, config_file: Path) -> str | None:
+        return None  # the engine's own error says what its cluster lacks

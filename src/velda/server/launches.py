@@ -33,9 +33,11 @@ def task_env(
     env = dict(stored)
     env.setdefault("PYTHONUNBUFFERED", "1")  # a task's output is a file: stream it anyway
     cpus = task.alloc.cpus if task.alloc else pool.resources.cpus
+    own_url = pool.options.get("server_url")  # how this pool's nodes reach the server
     env.update(
         VELDA_TASK_ID=str(task.id), VELDA_TASK_NAME=task.name or "", VELDA_POOL=task.pool,
-        VELDA_ATTEMPT=str(task.attempt), VELDA_SERVER=server_url, VELDA_TOKEN=token,
+        VELDA_ATTEMPT=str(task.attempt), VELDA_SERVER=str(own_url or server_url),
+        VELDA_TOKEN=token,
         OMP_NUM_THREADS=str(max(1, int(cpus))),
     )
     if task.shard_id is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shlex
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from velda.config import Config
-from velda.engines import REGISTRY, Registry, build_engine
+from velda.engines import REGISTRY, Engines, Registry
 from velda.engines.base import (
     Engine,
     EngineError,
@@ -91,8 +90,7 @@ class Runtime:
         self.local: Engine = (
             local(self) if local else LocalEngine(self, config.local_cpus, config.local_gpus)
         )
-        self.registry = registry
-        self.engines: dict[str, Engine] = {"local": self.local}
+        self.engines = Engines(self.local, registry, self)
         self.blocked = Blocked(self._blocked_changed)  # tasks waiting for their subtree
         # how ready tasks reach their engines (dispatch.py): counted here, or handed over
         self.machine = LocalDispatch(self.local, self.blocked, lambda: self.config)
@@ -130,25 +128,13 @@ class Runtime:
         try:
             await self.engine_of(pool.name).check(pool)
         except EngineError as e:
-            if pool.engine != "local" or not pool.resources.gpus:
+            fix = self.dispatch_of(pool.name).fix_for(pool, self.config_file)
+            if fix is None:
                 raise
-            # one line, and one a shell can run as it is
-            lines = f'\\n[pools.{pool.name}]\\nengine = "local"\\ncpus = 1\\n'
-            raise EngineError(
-                f"{e}; to run its tasks on CPUs instead: printf '{lines}' >> "
-                f"{shlex.quote(str(self.config_file))} (the server reads it within a second)"
-            ) from e
+            raise EngineError(f"{e}; {fix}") from e
 
     def engine_of(self, pool_name: str) -> Engine:
-        """The engine serving a pool; one per remote pool, made on first use. A pool that
-        left velda.toml while it had tasks is served by the local engine."""
-        pool = self.config.pool(pool_name)
-        if pool is None or pool.engine == "local":
-            return self.local
-        key = f"{pool.engine}:{pool.name}"
-        if key not in self.engines:
-            self.engines[key] = build_engine(self.registry, pool, self)
-        return self.engines[key]
+        return self.engines.of(self.config.pool(pool_name))
 
     def dispatch_of(self, pool_name: str) -> LocalDispatch | HandOver:
         """The one place that asks how an engine takes work (dispatch.py)."""
@@ -743,9 +729,10 @@ class Runtime:
         return self.machine.machine_usage()
 
     async def _usage_of(self, pool: Pool, counts: dict[str, int]) -> dict[str, object]:
-        error, capacity = None, None
+        error, inventory = None, None
         try:
             await self.check_pool(pool)
+            inventory = await self.engine_of(pool.name).inventory(pool)
         except EngineError as e:
             error = str(e)
         capacity = self.dispatch_of(pool.name).tasks_at_once(pool)
@@ -759,6 +746,7 @@ class Runtime:
             "queued": counts.get(S.QUEUED.value, 0) + counts.get(S.PENDING.value, 0),
             "configured": pool.name in self.config.pools,
             "error": error,
+            **(inventory or {}),
         }
 
     async def send_signal(self, task_id: int, signum: int) -> None:
@@ -793,7 +781,7 @@ class Runtime:
         for deadline in self.deadlines.values():
             deadline.cancel()
         self.timeouts.close()
-        for engine in self.engines.values():
+        for engine in self.engines.all():
             await engine.close()
 
     # --- notifications

@@ -103,7 +103,7 @@ def _pending(runtime: Runtime, task: Task, deps: list[Dependency]) -> Explanatio
 
 def _queued(runtime: Runtime, task: Task, machine: Machine) -> Explanation:
     pool = runtime.config.pool(task.pool)
-    if pool is not None and pool.engine != "local":
+    if pool is not None and runtime.dispatch_of(pool.name) is runtime.handover:
         return _engine(task, pool)
     need = runtime.machine.need_of(pool) if pool else Resources(cpus=1)
     if need.gpus > machine.total.gpus:

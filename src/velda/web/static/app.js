@@ -892,6 +892,11 @@
       .join(", ");
   }
 
+  // A Slurm pool's nodes, as sinfo reports them: "n1 mix, CPUs 1/4, GPUs 1/1 allocated".
+  function nodesText(nodes) {
+    return nodes.map((x) => `${x.name} ${x.state}, CPUs ${x.cpus_allocated}/${x.cpus}, GPUs ${x.gpus_allocated}/${x.gpus}`).join(" · ") + " allocated";
+  }
+
   async function loadPools() {
     const { pools, machine } = await getJSON("/pools");
     if (machine) {
@@ -905,7 +910,7 @@
       return h(
         "tr",
         { "data-pool": p.name },
-        h("td", {}, h("strong", {}, p.name), p.configured ? null : h("span", { class: "muted small" }, " built in"), p.error ? h("div", { class: "bad small" }, p.error) : null),
+        h("td", {}, h("strong", {}, p.name), p.configured ? null : h("span", { class: "muted small" }, " built in"), p.error ? h("div", { class: "bad small" }, p.error) : null, p.nodes ? h("div", { class: "muted small nodes" }, nodesText(p.nodes)) : null),
         h("td", {}, h("span", { class: "chip" }, p.engine)),
         h("td", {}, resourcesText(p.resources)),
         h("td", { class: "num" }, cap === null ? "no limit" : String(cap)),

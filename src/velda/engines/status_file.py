@@ -1,0 +1,87 @@
+"""The status-file wrapper: how an engine keeps a task's exact exit status without the server.
+
+A tiny `/bin/sh` script runs the task's command with stdout on fd 1 and stderr on fd 3, both
+opened by whoever starts it onto the attempt's log files, and writes the command's exit status
+to `status` in the attempt directory (its shell's pid to `pid` when it starts). It runs the
+same under the local engine and inside a Slurm job, so an attempt's exit code and signal
+survive the server, and a cluster that forgets finished jobs.
+
+    sh -c WRAPPER velda-task ATTEMPT_DIR CWD ARGV...
+
+It reports a command killed by signal N as 128+N, like every shell: `exit_from_status` reads
+an exit status above 128 as that signal.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from velda.models import Exit
+
+WRAPPER = r"""
+d=$1
+cd "$2" 2>/dev/null || {
+  echo "velda: cannot enter the working directory $2" >&3; echo 126 > "$d/status"; exit 126; }
+shift 2
+echo $$ > "$d/pid"
+echo '        ' > "$d/status"
+trap : INT TERM HUP QUIT USR1 USR2
+( exec 2>&3 3>&-
+  case $1 in
+  */*) if [ ! -e "$1" ]; then echo "velda: cannot run '$1': no such file" >&2; exit 127
+       elif [ ! -f "$1" ] || [ ! -x "$1" ]; then
+         echo "velda: permission denied: $1 is not executable" >&2; exit 126; fi ;;
+  *) command -v "$1" >/dev/null || {
+       echo "velda: cannot run '$1': command not found" >&2; exit 127; } ;;
+  esac
+  exec "$@" )
+s=$?
+echo $s 1<> "$d/status"
+exit $s
+"""
+# fd 3 is the task's stderr; the wrapper's own stderr is /dev/null, so that the shell's note
+# about a child killed by a signal ("Killed") never lands in the task's stderr. The subshell
+# execs the command: one fork per task, as without it; the trap is reset in it. Before the
+# exec it looks the command up with builtins only (no fork), so that a command that cannot
+# start says why in words a user can act on, with a shell's exit codes (127, 126), instead of
+# the shell's own "velda-task: 7: exec: ...: not found".
+# The status file is written blank at the start and overwritten in place (`1<>`) at the end,
+# so the exit status finds room on a disk that filled up meanwhile; the wrapper also exits
+# with it, for the server to read from waitpid when even that failed.
+
+
+def exit_from_status(code: int) -> Exit:
+    if 128 < code <= 128 + 64:
+        return Exit.from_signal(code - 128)
+    return Exit.from_code(code)
+
+
+def read_int(path: Path) -> int | None:
+    """The number in a file the task's side wrote, or None (absent, blank, not a number).
+    A symlink or a FIFO there must not make the server read another file or block (a pool's
+    task user owns these files)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        return int(os.read(fd, 64).strip())
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def unusable_env(env: dict[str, str], error: ValueError) -> str:
+    """A line naming the environment variable the system cannot take."""
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key:
+            return f"cannot start: environment variable name {key!r} is not valid"
+        if "\0" in value:
+            return f"cannot start: environment variable {key} holds a NUL byte"
+        try:
+            os.fsencode(key), os.fsencode(value)
+        except UnicodeError:
+            return f"cannot start: environment variable {key!r} is not valid text"
+    return f"cannot start: the environment is not valid ({error})"

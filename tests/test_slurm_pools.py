@@ -1,0 +1,403 @@
+"""Slurm pools end to end: the real server and commands, pools served by the real two-node
+Slurm cluster of slurm_cluster.py (SPEC §4.6, §4.7, §5, §10).
+
+One server serves the whole module. It and every command run inside the cluster's network
+namespace (`Velda.prefix`), so the jobs on the Slurm nodes reach the server at its loopback URL.
+Its velda.toml maps the example pipelines' pools gpu-1, cpu-1, cpu-2 and the default pool to
+Slurm, adds pools pinned to each node, a pool that takes a whole node, and one whose slurm.conf
+names a controller that is not there. `shell` stays local, so pipelines mix local and Slurm
+tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import NODES, SlurmCluster
+from test_examples import make_data, parse_time
+from velda_cli import FINAL, Velda, wait_gone
+
+pytestmark = pytest.mark.slurm
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ml-pipeline"
+LOST_WITHIN_S = 60  # SPEC §10
+NODE_CPUS = 4  # per node, as slurm_cluster.py declares them
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def slurm_pool(name: str, extra: str = "", cpus: int = 1) -> str:
+    return f'[pools.{name}]\nengine = "slurm"\npartition = "debug"\ncpus = {cpus}\n{extra}\n'
+
+
+def config(no_controller_conf: Path) -> str:
+    pinned = "".join(slurm_pool(f"on-{node}", f'sbatch_args = ["--nodelist={node}"]')
+                     for node in NODES)
+    return ('default_pool = "batch"\n\n'
+            + slurm_pool("batch") + slurm_pool("cpu-1") + slurm_pool("cpu-2", cpus=2)
+            + slurm_pool("gpu-1", "gpus = 1") + slurm_pool("whole-node", cpus=NODE_CPUS)
+            + pinned + slurm_pool("no-controller", f'slurm_conf = "{no_controller_conf}"'))
+
+
+def conf_without_controller(slurm: SlurmCluster, dest: Path) -> Path:
+    """A copy of the cluster's slurm.conf whose SlurmctldPort nothing listens on. Its clients
+    give up at once instead of retrying for MessageTimeout (5 s) on every call."""
+    text = Path(slurm.env["SLURM_CONF"]).read_text()
+    assert "MessageTimeout=5\n" in text
+    text = text.replace("MessageTimeout=5\n", "MessageTimeout=1\n")
+    dest.write_text(f"{text}SlurmctldPort={free_port()}\n")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def velda(slurm: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Velda]:
+    root = tmp_path_factory.mktemp("slurm-pools")
+    v = Velda(root / "home", root / "work", prefix=slurm.prefix)
+    v.env["SLURM_CONF"] = slurm.env["SLURM_CONF"]
+    v.configure(config(conf_without_controller(slurm, root / "no-controller.conf")))
+    try:
+        yield v
+    finally:
+        cancel_open_tasks(v)
+        v.shutdown()
+
+
+def cancel_open_tasks(velda: Velda) -> None:
+    """What a failed test left running must not hold the cluster's CPUs for the next ones."""
+    if velda.server_pid() is None:
+        return
+    listed = velda.run("velda", "task", "list", "-a", "--max-results", "1000", "-o", "json")
+    for task in json.loads(listed.stdout or '{"tasks": []}')["tasks"]:
+        if task["status"] not in FINAL:
+            velda.run("velda", "task", "cancel", task["id"])
+
+
+@pytest.fixture
+def example(velda: Velda, tmp_path: Path) -> Iterator[Path]:
+    """A writable copy of the example pipelines, as the current directory."""
+    dest = tmp_path / "ml-pipeline"
+    shutil.copytree(EXAMPLES, dest)
+    for path in [dest, *dest.iterdir()]:
+        path.chmod(path.stat().st_mode | 0o200)
+    home = velda.cwd
+    velda.cwd = dest
+    try:
+        yield dest
+    finally:
+        velda.cwd = home
+
+
+def slurm_jobs(slurm: SlurmCluster) -> dict[str, list[str]]:
+    """Job name -> the states of its jobs, for every job slurmctld remembers (MinJobAge)."""
+    result = subprocess.run([*slurm.prefix, "scontrol", "show", "job", "-o"], env=slurm.env,
+                            capture_output=True, text=True, check=True, timeout=30)
+    jobs: dict[str, list[str]] = {}
+    for line in result.stdout.splitlines():
+        name, state = re.search(r"JobName=(\S+)", line), re.search(r"JobState=(\S+)", line)
+        if name and state:
+            jobs.setdefault(name.group(1), []).append(state.group(1))
+    return jobs
+
+
+def assert_ran_as_slurm_jobs(slurm: SlurmCluster, *tasks: dict[str, object]) -> None:
+    """Each task's attempt was a Slurm job named after it, and that job completed."""
+    jobs = slurm_jobs(slurm)
+    for task in tasks:
+        name = f"velda-{task['id']}.{task['attempt']}"
+        assert jobs.get(name) == ["COMPLETED"], f"task {task['id']}: Slurm has {jobs.get(name)}"
+
+
+def wait_for_output(velda: Velda, ref: str, text: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        out = velda.log(ref).stdout
+        if text in out:
+            return out
+        assert time.monotonic() < deadline, f"no {text!r} from {ref} in {timeout:g} s: {out!r}"
+        time.sleep(0.1)
+
+
+def explain(velda: Velda, task_id: str) -> str:
+    """A failed task and its children, for the assertion message."""
+    lines = []
+    for task in [velda.get(task_id), *velda.children(task_id)]:
+        log = velda.run("velda", "task", "log", task["id"])
+        lines.append(f"{task['id']} {task['status']} {task['reason']} {task['command']}\n"
+                     f"  stdout: {log.stdout[-500:]!r}\n  stderr: {log.stderr[-1500:]!r}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the example pipelines
+
+
+def test_linear_pipeline_runs_on_slurm(velda: Velda, example: Path,
+                                       slurm: SlurmCluster) -> None:
+    make_data(velda)
+    ids = velda.run("./linear.sh", check=True).stdout.split()
+    process, train, evaluate = (velda.wait(i, timeout=90) for i in ids)
+    assert [t["status"] for t in (process, train, evaluate)] == ["SUCCESS"] * 3
+    assert [t["pool"] for t in (process, train, evaluate)] == ["cpu-2", "gpu-1", "cpu-1"]
+    assert parse_time(train["started_at"]) >= parse_time(process["finished_at"])
+    assert parse_time(evaluate["started_at"]) >= parse_time(train["finished_at"])
+    assert train["depends_on"] == [{"id": process["id"], "kind": "success"}]
+    assert "evaluation passed" in velda.log(evaluate["id"]).stdout
+    a, b = (float(v) for v in (example / "model.txt").read_text().split())
+    assert abs(a - 3) < 0.1 and abs(b - 2) < 0.3
+    assert_ran_as_slurm_jobs(slurm, process, train, evaluate)
+
+
+def test_fanout_runs_parent_and_children_on_slurm(velda: Velda, example: Path,
+                                                  slurm: SlurmCluster) -> None:
+    make_data(velda, 3)
+    parent_id = velda.run("./fanout.sh", check=True).stdout.strip()
+    parent = velda.wait(parent_id, timeout=90)
+    assert parent["status"] == "SUCCESS", explain(velda, parent_id)
+    assert parent["pool"] == "batch"  # the default pool
+    children = velda.children(parent_id)
+    assert sorted(c["name"] for c in children) == [f"data/part-{i:02d}.csv" for i in range(3)]
+    assert all(c["status"] == "SUCCESS" and c["pool"] == "cpu-1" for c in children)
+    assert parent["children"]["succeeded"] == 3
+    assert len(list((example / "clean").iterdir())) == 3
+    first = velda.log(f"{parent_id}/data/part-00.csv")
+    assert first.stdout == "part-00.csv: kept 200, dropped 1\n"
+    assert first.stderr == "part-00.csv: dropped 1 bad rows\n"
+    assert_ran_as_slurm_jobs(slurm, parent, *children)
+
+
+def run_pipeline(velda: Velda, files: int) -> list[str]:
+    """pipeline.sh to its end: preprocess (fanning out from its Slurm job), train, eval."""
+    make_data(velda, files)
+    ids = velda.run("./pipeline.sh", check=True).stdout.split()
+    assert velda.wait(ids[2], timeout=120)["status"] == "SUCCESS", explain(velda, ids[0])
+    return ids
+
+
+def test_pipeline_fans_out_from_inside_a_slurm_job(velda: Velda, example: Path,
+                                                   slurm: SlurmCluster) -> None:
+    preprocess_id, train_id, eval_id = run_pipeline(velda, 4)
+    preprocess, train = velda.get(preprocess_id), velda.get(train_id)
+    grandchildren = velda.children(preprocess_id)
+    assert len(grandchildren) == 4
+    assert all(c["status"] == "SUCCESS" and c["pool"] == "cpu-1" for c in grandchildren)
+    assert preprocess["children"]["succeeded"] == 4
+    latest = max(parse_time(c["resolved_at"]) for c in grandchildren)
+    assert parse_time(train["started_at"]) >= max(latest, parse_time(preprocess["resolved_at"]))
+    assert "evaluation passed" in velda.log(eval_id).stdout
+    assert_ran_as_slurm_jobs(slurm, preprocess, train, *grandchildren)
+
+
+def test_recursive_two_levels_on_slurm(velda: Velda, example: Path) -> None:
+    # root and one task per file wait in a vrun, each holding a Slurm CPU: 5 of the 8
+    run_pipeline(velda, 4)
+    root_id = velda.run("./recursive.sh", check=True).stdout.strip()
+    root = velda.wait(root_id, timeout=120)
+    assert root["status"] == "SUCCESS", explain(velda, root_id)
+    files = velda.children(root_id)
+    assert len(files) == 4
+    for child in files:
+        steps = velda.children(child["id"])
+        assert [s["name"] for s in steps] == ["inference", None]
+        inference, evaluation = steps
+        assert evaluation["depends_on"] == [{"id": inference["id"], "kind": "success"}]
+        assert all(s["status"] == "SUCCESS" for s in steps)
+        assert (inference["pool"], evaluation["pool"]) == ("gpu-1", "cpu-1")
+        assert "MAE" in velda.log(evaluation["id"]).stdout
+    assert sorted(p.name for p in (example / "eval").iterdir()) == [
+        f"part-{i:02d}.csv.txt" for i in range(4)
+    ]
+
+
+# ---------------------------------------------------------------- what a task sees
+
+
+def test_a_task_runs_as_a_slurm_job(velda: Velda) -> None:
+    seen = velda.run("vrun", "-P", "cpu-1", "--name", "where", "sh", "-c",
+                     "echo $SLURM_JOB_ID $SLURM_JOB_NAME $SLURM_JOB_PARTITION $SLURMD_NODENAME",
+                     check=True).stdout.split()
+    task = velda.get("where")
+    assert seen[0].isdigit()
+    assert seen[1:3] == [f"velda-{task['id']}.1", "debug"]
+    assert seen[3] in NODES
+
+
+def test_exit_codes_and_signals_are_recorded(velda: Velda) -> None:
+    failed = velda.run("vrun", "-P", "cpu-1", "--name", "three", "sh", "-c",
+                       "echo out; echo err >&2; exit 3")
+    assert (failed.returncode, failed.stdout, failed.stderr) == (3, "out\n", "err\n")
+    task = velda.get("three")
+    assert (task["status"], task["exit_code"], task["signal"]) == ("FAILURE", 3, None)
+    killed = velda.run("vrun", "-P", "cpu-1", "--name", "killed", "sh", "-c", "kill -TERM $$")
+    assert killed.returncode == 128 + signal.SIGTERM
+    task = velda.get("killed")
+    assert (task["status"], task["signal"], task["reason"]) == ("FAILURE", 15, "signal")
+
+
+def test_stdout_and_stderr_come_back_separately_and_exactly(velda: Velda) -> None:
+    writer = ("import os\n"
+              "for i in range(3000):\n"
+              "    os.write(1, b'%05d out ' % i + b'x' * (i % 50) + b'\\n')\n"
+              "    if i % 7 == 0: os.write(2, b'%05d err\\n' % i)\n")
+    task_id = velda.vbatch("-P", "cpu-1", "python", "-c", writer)
+    assert velda.wait(task_id)["status"] == "SUCCESS"
+    out = "".join(f"{i:05d} out {'x' * (i % 50)}\n" for i in range(3000))
+    err = "".join(f"{i:05d} err\n" for i in range(0, 3000, 7))
+    assert velda.log(task_id, "--stdout").stdout == out
+    assert velda.log(task_id, "--stderr").stderr == err
+
+
+def test_shards_are_one_job_array(velda: Velda) -> None:
+    parent_id = velda.vbatch("-N", "3", "-P", "cpu-1", "sh", "-c",
+                             "echo $SLURM_ARRAY_JOB_ID $SLURM_ARRAY_TASK_ID $VELDA_SHARD_ID"
+                             " $VELDA_TOTAL_SHARDS")
+    parent = velda.wait(parent_id, timeout=60)
+    assert parent["status"] == "SUCCESS", explain(velda, parent_id)
+    shards = sorted(velda.children(parent_id), key=lambda c: int(c["name"]))
+    assert [s["name"] for s in shards] == ["0", "1", "2"]
+    printed = [velda.log(s["id"]).stdout.split() for s in shards]
+    array_ids = {array_id for array_id, *_ in printed}
+    assert len(array_ids) == 1 and array_ids.pop().isdigit()  # one job array for all three
+    assert [rest for _, *rest in printed] == [[str(i), str(i), "3"] for i in range(3)]
+
+
+def test_a_gpu_pool_sees_its_device_not_the_submitters(velda: Velda) -> None:
+    show = "echo ${CUDA_VISIBLE_DEVICES-unset}"
+    velda.env["CUDA_VISIBLE_DEVICES"] = "3"  # the submitter's own: never passed on
+    try:
+        gpu = velda.run("vrun", "-P", "gpu-1", "sh", "-c", show, check=True)
+        cpu = velda.run("vrun", "-P", "cpu-1", "sh", "-c", show, check=True)
+    finally:
+        del velda.env["CUDA_VISIBLE_DEVICES"]
+    assert gpu.stdout == "0\n"  # the gres Slurm gave it
+    assert cpu.stdout in ("unset\n", "\n")  # no GPU: none seen
+
+
+# ---------------------------------------------------------------- cancel, nesting, mixing
+
+
+def test_cancel_kills_the_job_on_its_node(velda: Velda) -> None:
+    task_id = velda.vbatch("-P", "cpu-1", "sh", "-c", "sleep 1000 & echo $$ $!; wait")
+    pids = [int(p) for p in wait_for_output(velda, task_id, "\n").split()]
+    started = time.monotonic()
+    velda.run("velda", "task", "cancel", task_id, check=True)
+    task = velda.wait(task_id, timeout=20)
+    assert (task["status"], task["signal"], task["reason"]) == ("CANCELLED", 15, "cancelled")
+    for pid in pids:
+        wait_gone(pid)
+    assert time.monotonic() - started < 10
+
+
+def test_vbatch_inside_a_slurm_job_makes_children(velda: Velda) -> None:
+    parent_id = velda.vbatch("-P", "cpu-1", "--name", "outer", "sh", "-c",
+                             "vbatch -q -P cpu-1 --name on-slurm echo slurm &&"
+                             " vbatch -q -P shell --name local echo local")
+    parent = velda.wait(parent_id, timeout=60)
+    assert parent["status"] == "SUCCESS", velda.log(parent_id).stderr
+    children = {c["name"]: c for c in velda.children(parent_id)}
+    assert set(children) == {"on-slurm", "local"}
+    assert all(c["parent_id"] == parent_id and c["status"] == "SUCCESS"
+               for c in children.values())
+    assert (children["on-slurm"]["pool"], children["local"]["pool"]) == ("cpu-1", "shell")
+    assert velda.log(f"{parent_id}/on-slurm").stdout == "slurm\n"
+    assert velda.log(f"{parent_id}/local").stdout == "local\n"
+    assert parent["children"]["succeeded"] == 2
+
+
+def test_a_local_step_then_a_slurm_step(velda: Velda, example: Path) -> None:
+    make_data(velda, 2)
+    process = velda.vbatch("-P", "shell", "--name", "process", "python", "process_data.py")
+    train = velda.vbatch("-P", "gpu-1", "--name", "train", "--after-success", "process",
+                         "python", "train_model.py")
+    done = velda.wait(train, timeout=60)
+    assert done["status"] == "SUCCESS", velda.log(train).stderr
+    assert done["depends_on"] == [{"id": process, "kind": "success"}]
+    assert velda.get(process)["pool"] == "shell"
+    assert parse_time(done["started_at"]) >= parse_time(velda.get(process)["finished_at"])
+    assert "trained on 400 points" in velda.log(train).stdout
+
+
+def test_a_local_parent_fans_out_to_slurm_children(velda: Velda, example: Path) -> None:
+    make_data(velda, 3)
+    parent_id = velda.vbatch("-P", "shell", "bash", "-c",
+                             "ls data/*.csv | xargs -I {} vbatch --name {} -P cpu-1"
+                             " python process_file.py {}")
+    parent = velda.wait(parent_id, timeout=60)
+    assert parent["status"] == "SUCCESS", explain(velda, parent_id)
+    children = velda.children(parent_id)
+    assert sorted(c["name"] for c in children) == [f"data/part-{i:02d}.csv" for i in range(3)]
+    assert all(c["status"] == "SUCCESS" and c["pool"] == "cpu-1" for c in children)
+    assert len(list((example / "clean").iterdir())) == 3
+
+
+# ---------------------------------------------------------------- failures
+
+
+def node_of(velda: Velda, task_id: str) -> str:
+    return wait_for_output(velda, task_id, "started").split()[0]
+
+
+def test_a_dead_node_fails_its_task_as_lost_or_retries_it(velda: Velda,
+                                                          slurm: SlurmCluster) -> None:
+    retried = velda.vbatch("-P", "cpu-1", "--retries", "1", "sh", "-c",
+                           'echo $SLURMD_NODENAME; if [ "$VELDA_ATTEMPT" = 1 ]; then'
+                           " echo started; sleep 1000; fi; echo again")
+    node = node_of(velda, retried)
+    lost = velda.vbatch("-P", f"on-{node}", "sh", "-c",
+                        "echo $SLURMD_NODENAME; echo started; sleep 1000")
+    assert node_of(velda, lost) == node
+    killed_at = time.monotonic()
+    slurm.kill_node(node)
+    try:
+        task = velda.wait(lost, timeout=LOST_WITHIN_S)
+        assert (task["status"], task["reason"]) == ("FAILURE", "lost")
+        task = velda.wait(retried, timeout=LOST_WITHIN_S)
+        assert (task["status"], task["attempt"]) == ("SUCCESS", 2)
+        assert time.monotonic() - killed_at < LOST_WITHIN_S
+        other = next(n for n in NODES if n != node)
+        assert velda.log(retried).stdout == f"{other}\nagain\n"
+    finally:
+        slurm.restart_node(node)
+
+
+def test_jobs_queued_and_running_survive_a_killed_server(velda: Velda, tmp_path: Path) -> None:
+    # whole-node tasks: two run (one per node), two wait in Slurm's queue
+    ran = tmp_path / "ran"
+    ids = [velda.vbatch("-P", "whole-node", "sh", "-c",
+                        f'sleep 2; echo "$VELDA_TASK_ID" >> {ran}; exit {code}')
+           for code in range(4)]
+    for task_id in ids[:2]:
+        velda.wait(task_id, until={"RUNNING"}, timeout=30)
+    assert [velda.get(task_id)["status"] for task_id in ids[2:]] == ["QUEUED"] * 2
+    velda.kill_server()
+    tasks = [velda.wait(task_id, timeout=60) for task_id in ids]  # a new server adopts them
+    assert [(t["exit_code"], t["attempt"]) for t in tasks] == [(code, 1) for code in range(4)]
+    assert [t["status"] for t in tasks] == ["SUCCESS"] + ["FAILURE"] * 3
+    assert sorted(ran.read_text().split()) == sorted(ids)  # each ran once
+
+
+def test_an_unreachable_slurmctld_is_a_clear_error(velda: Velda) -> None:
+    pools = json.loads(velda.run("velda", "pool", "list", "-o", "json", check=True).stdout)
+    by_name = {p["name"]: p for p in pools["pools"]}
+    assert "slurmctld" in by_name["no-controller"]["error"]
+    assert by_name["cpu-1"]["error"] is None
+    table = velda.run("velda", "pool", "list", check=True).stdout
+    assert "slurmctld" in next(line for line in table.splitlines()
+                               if line.startswith("no-controller"))
+    submit = velda.run("vbatch", "-P", "no-controller", "true")
+    assert (submit.returncode, submit.stdout) == (2, "")
+    assert len(submit.stderr.splitlines()) == 1 and "slurmctld" in submit.stderr, submit.stderr
+    # the server is still up and the other pools still work
+    assert velda.run("vrun", "-P", "cpu-1", "echo", "ok", check=True).stdout == "ok\n"
