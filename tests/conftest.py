@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from pipelines import EXAMPLES, copy_examples
 from slurm_cluster import SlurmCluster, missing_tools, searchable_tmpdir
 from velda_cli import Velda
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ml-pipeline"
 pytest_plugins = ["browser", "ray_cluster"]
 
 
@@ -33,12 +33,7 @@ def example(tmp_path: Path, velda: Velda) -> Path:
     """A writable copy of the example pipeline, with its velda.toml in force."""
     if not EXAMPLES.is_dir():
         pytest.skip(f"the example pipelines are not at {EXAMPLES}")
-    import shutil
-
-    dest = tmp_path / "ml-pipeline"
-    shutil.copytree(EXAMPLES, dest)
-    for path in [dest, *dest.iterdir()]:
-        path.chmod(path.stat().st_mode | 0o200)
+    dest = copy_examples(tmp_path / "ml-pipeline")
     velda.env["VELDA_CONFIG"] = str(dest / "velda.toml")
     velda.cwd = dest
     return dest

@@ -33,6 +33,7 @@ from pathlib import Path
 
 NODES = ("n1", "n2")
 TOOLS = ("slurmctld", "slurmd", "munged", "nsenter", "unshare", "ip")
+CLIENTS = ("sbatch", "squeue", "scancel", "sinfo", "scontrol", "sacct")
 START_TIMEOUT_S = 30
 NAMESPACE_ADDRESS = "10.254.254.1/32"
 
@@ -133,6 +134,18 @@ class SlurmCluster:
         (ReturnToService=2 brings a node that was down back by itself)."""
         self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-N", node], netns=True)
         _wait_for(lambda: self._sinfo().get(node) == "idle", f"{node} idle again in sinfo", self)
+
+    def write_clients(self, bin_dir: Path, namespaced: bool = True) -> None:
+        """Scripts named like the Slurm client commands that run the real ones against this
+        cluster, from inside its namespace (or, namespaced=False, from outside, where no
+        slurmctld answers): with `bin_dir` first on PATH, code that calls `sbatch` finds it."""
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        enter = " ".join(self.prefix) + " " if namespaced else ""
+        for tool in CLIENTS:
+            path = bin_dir / tool
+            path.write_text(f"#!/bin/sh\nexport SLURM_CONF={self.env['SLURM_CONF']}\n"
+                            f'exec {enter}/usr/bin/{tool} "$@"\n')
+            path.chmod(0o755)
 
     def stop(self) -> None:
         """Kill every process in the namespace (daemons, job steps, clients), then the holder

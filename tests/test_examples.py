@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipelines import assert_recursive_succeeded, make_data, parse_time
 from velda_cli import Velda
-
-
-def parse_time(ts: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
-
-
-def make_data(velda: Velda, n: int = 8) -> None:
-    velda.run("python", "make_data.py", str(n), check=True)
 
 
 def test_linear_chains_process_train_eval(velda: Velda, example: Path) -> None:
@@ -84,19 +75,7 @@ def test_recursive_two_levels(velda: Velda, example: Path) -> None:
     _, _, eval_id = velda.run("./pipeline.sh", check=True).stdout.split()
     assert velda.wait(eval_id, timeout=120)["status"] == "SUCCESS"
     root_id = velda.run("./recursive.sh", check=True).stdout.strip()
-    root = velda.wait(root_id, timeout=120)
-    assert root["status"] == "SUCCESS"
-    files = velda.children(root_id)
-    assert len(files) == 4
-    for child in files:
-        steps = velda.children(child["id"])
-        assert [s["name"] for s in steps] == ["inference", None]
-        inference, evaluation = steps
-        assert evaluation["depends_on"] == [{"id": inference["id"], "kind": "success"}]
-        assert all(s["status"] == "SUCCESS" for s in steps)
-        assert "MAE" in velda.log(evaluation["id"]).stdout
-    assert sorted(p.name for p in (example / "eval").iterdir()) == [
-        f"part-{i:02d}.csv.txt" for i in range(4)
-    ]
+    assert velda.wait(root_id, timeout=120)["status"] == "SUCCESS"
+    assert_recursive_succeeded(velda, root_id, example, files=4)
     inference = velda.get(f"{root_id}/data/part-00.csv/inference")
     assert inference["pool"] == "gpu-1"

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from pipelines import make_data
 from velda.server.blocked import Blocked
 from velda_cli import Velda
 
@@ -65,7 +66,7 @@ def blog(velda: Velda, example: Path) -> Path:
         path = example / name
         path.write_text("#!/bin/bash\n" + body.lstrip())
         path.chmod(0o755)
-    velda.run("python", "make_data.py", "4", check=True)
+    make_data(velda, 4)
     return example
 
 

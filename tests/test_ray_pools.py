@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import select
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,20 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from pipelines import copy_examples, make_data, parse_time
 from ray_cluster import RayCluster
-from test_examples import make_data, parse_time
-from velda_cli import FINAL, Velda, wait_gone
+from velda_cli import Velda, cancel_open_tasks, free_port, wait_gone
 
 pytestmark = pytest.mark.ray
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ml-pipeline"
 LOST_WITHIN_S = 60  # SPEC §10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def config(address: str, gone: str) -> str:
@@ -81,27 +72,13 @@ def velda(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> 
         v.shutdown()
 
 
-def cancel_open_tasks(velda: Velda) -> None:
-    """What a failed test left running must not hold the cluster's CPUs for the next ones."""
-    if velda.server_pid() is None:
-        return
-    listed = velda.run("velda", "task", "list", "-a", "--max-results", "1000", "-o", "json")
-    for task in json.loads(listed.stdout or '{"tasks": []}')["tasks"]:
-        if task["status"] not in FINAL:
-            velda.run("velda", "task", "cancel", task["id"])
-
-
 @pytest.fixture
 def example(velda: Velda, tmp_path: Path) -> Iterator[Path]:
     """A writable copy of the example pipelines, as the current directory."""
-    dest = tmp_path / "ml-pipeline"
-    shutil.copytree(EXAMPLES, dest)
-    for path in [dest, *dest.iterdir()]:
-        path.chmod(path.stat().st_mode | 0o200)
     home = velda.cwd
-    velda.cwd = dest
+    velda.cwd = copy_examples(tmp_path / "ml-pipeline")
     try:
-        yield dest
+        yield velda.cwd
     finally:
         velda.cwd = home
 

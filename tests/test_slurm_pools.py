@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,21 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from pipelines import assert_recursive_succeeded, copy_examples, make_data, parse_time
 from slurm_cluster import NODES, SlurmCluster
-from test_examples import make_data, parse_time
-from velda_cli import FINAL, Velda, wait_gone
+from velda_cli import Velda, cancel_open_tasks, free_port, wait_gone
 
 pytestmark = pytest.mark.slurm
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ml-pipeline"
 LOST_WITHIN_S = 60  # SPEC §10
 NODE_CPUS = 4  # per node, as slurm_cluster.py declares them
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def slurm_pool(name: str, extra: str = "", cpus: int = 1) -> str:
@@ -76,27 +67,13 @@ def velda(slurm: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Iter
         v.shutdown()
 
 
-def cancel_open_tasks(velda: Velda) -> None:
-    """What a failed test left running must not hold the cluster's CPUs for the next ones."""
-    if velda.server_pid() is None:
-        return
-    listed = velda.run("velda", "task", "list", "-a", "--max-results", "1000", "-o", "json")
-    for task in json.loads(listed.stdout or '{"tasks": []}')["tasks"]:
-        if task["status"] not in FINAL:
-            velda.run("velda", "task", "cancel", task["id"])
-
-
 @pytest.fixture
 def example(velda: Velda, tmp_path: Path) -> Iterator[Path]:
     """A writable copy of the example pipelines, as the current directory."""
-    dest = tmp_path / "ml-pipeline"
-    shutil.copytree(EXAMPLES, dest)
-    for path in [dest, *dest.iterdir()]:
-        path.chmod(path.stat().st_mode | 0o200)
     home = velda.cwd
-    velda.cwd = dest
+    velda.cwd = copy_examples(tmp_path / "ml-pipeline")
     try:
-        yield dest
+        yield velda.cwd
     finally:
         velda.cwd = home
 
@@ -206,19 +183,8 @@ def test_recursive_two_levels_on_slurm(velda: Velda, example: Path) -> None:
     root_id = velda.run("./recursive.sh", check=True).stdout.strip()
     root = velda.wait(root_id, timeout=120)
     assert root["status"] == "SUCCESS", explain(velda, root_id)
-    files = velda.children(root_id)
-    assert len(files) == 4
-    for child in files:
-        steps = velda.children(child["id"])
-        assert [s["name"] for s in steps] == ["inference", None]
-        inference, evaluation = steps
-        assert evaluation["depends_on"] == [{"id": inference["id"], "kind": "success"}]
-        assert all(s["status"] == "SUCCESS" for s in steps)
+    for inference, evaluation in assert_recursive_succeeded(velda, root_id, example, files=4):
         assert (inference["pool"], evaluation["pool"]) == ("gpu-1", "cpu-1")
-        assert "MAE" in velda.log(evaluation["id"]).stdout
-    assert sorted(p.name for p in (example / "eval").iterdir()) == [
-        f"part-{i:02d}.csv.txt" for i in range(4)
-    ]
 
 
 # ---------------------------------------------------------------- what a task sees
@@ -386,6 +352,27 @@ def test_jobs_queued_and_running_survive_a_killed_server(velda: Velda, tmp_path:
     assert [(t["exit_code"], t["attempt"]) for t in tasks] == [(code, 1) for code in range(4)]
     assert [t["status"] for t in tasks] == ["SUCCESS"] + ["FAILURE"] * 3
     assert sorted(ran.read_text().split()) == sorted(ids)  # each ran once
+
+
+def test_pool_list_shows_the_partitions_nodes_and_what_is_allocated(velda: Velda) -> None:
+    task_id = velda.vbatch("-P", "whole-node", "sleep", "60")
+    velda.wait(task_id, until={"RUNNING"}, timeout=30)
+
+    def nodes() -> list[dict[str, object]]:
+        listed = json.loads(velda.run("velda", "pool", "list", "-o", "json", check=True).stdout)
+        return next(p for p in listed["pools"] if p["name"] == "whole-node")["nodes"]
+
+    deadline = time.monotonic() + 15  # sinfo's answer is kept for a moment
+    while not any(n["cpus_allocated"] == NODE_CPUS for n in nodes()):
+        assert time.monotonic() < deadline, nodes()
+        time.sleep(0.5)
+    assert sorted(n["name"] for n in nodes()) == list(NODES)
+    assert all((n["cpus"], n["gpus"]) == (NODE_CPUS, 1) for n in nodes())
+    table = velda.run("velda", "pool", "list", check=True).stdout
+    assert f"pool whole-node: {len(NODES)} nodes" in table
+    assert re.search(rf"^n[12] .*{NODE_CPUS}/{NODE_CPUS} allocated", table, re.M), table
+    velda.run("velda", "task", "cancel", task_id, check=True)
+    assert velda.wait(task_id)["status"] == "CANCELLED"
 
 
 def test_an_unreachable_slurmctld_is_a_clear_error(velda: Velda) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_examples import parse_time
+from pipelines import parse_time
 from velda_cli import Velda
 
 SLOTS = """

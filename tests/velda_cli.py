@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -116,6 +117,24 @@ class Velda:
                 os.killpg(int(pid_file.read_text()), signal.SIGKILL)
             except (OSError, ValueError):
                 pass
+
+
+def cancel_open_tasks(velda: Velda) -> None:
+    """Cancel every task not yet final: what a failed test left running must not hold a
+    cluster's CPUs for the next tests of a module that shares one server."""
+    if velda.server_pid() is None:
+        return
+    listed = velda.run("velda", "task", "list", "-a", "--max-results", "1000", "-o", "json")
+    for task in json.loads(listed.stdout or '{"tasks": []}')["tasks"]:
+        if task["status"] not in FINAL:
+            velda.run("velda", "task", "cancel", task["id"])
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (at the time of asking)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def alive(pid: int) -> bool:

@@ -10,9 +10,11 @@ a task as soon as its dependencies are met and they report `running` when it rea
 The local engine sets it to False: velda's scheduler counts its CPUs and GPUs. That flag picks
 how the server dispatches a pool's tasks (server/dispatch.py) and is read nowhere else.
 
-An engine is one module that registers itself by one line in `engines/__init__.py`. Each
-engine's tests (tests/test_ray_engine.py, tests/test_slurm_engine.py) drive it through this
-protocol with an EngineEvents that checks the order of its reports.
+An engine is one module that registers itself by one line in `engines/__init__.py`. Every
+engine passes one contract suite (tests/test_engine_contract.py): output byte for byte, exact
+exit codes and signals, environment and working directory, cancel with its grace period,
+signals, adoption after a restart. It drives the engine through this protocol with an
+EngineEvents that checks the order of its reports; a new engine adds itself to that suite.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ log = logging.getLogger("velda.engines.slurm")
 
 POLL_S = 0.5
 CHECK_TTL_S = 5.0
+INVENTORY_TTL_S = 2.0  # pages that poll /pools, however many, ask sinfo this often at most
 GONE_GRACE_S = 3.0  # a job gone from the queue may take this long to show its status file
 HEARTBEAT_S = 5
 NODE_TIMEOUT_S = 30.0  # default of the pool's `node_timeout`
@@ -100,6 +101,7 @@ class SlurmEngine:
         self.slurm = SlurmCommands(str(conf) if conf else None)
         self._checking = asyncio.Lock()
         self._checked: dict[object, float] = {}  # partition -> when sinfo last showed it
+        self._inventory: dict[object, tuple[float, dict[str, Any]]] = {}  # partition -> (when, it)
         self._jobs: dict[str, _Job] = {}  # by job spec: "123", or "123_4" for an array task
         self._poller: asyncio.Task[None] | None = None
 
@@ -135,13 +137,19 @@ class SlurmEngine:
                 "gang")
 
     async def inventory(self, pool: Pool) -> dict[str, Any]:
-        """The partition's nodes with their CPUs and GPUs, in all and allocated."""
+        """The partition's nodes with their CPUs and GPUs, in all and allocated, as sinfo
+        said at most INVENTORY_TTL_S ago."""
         partition = pool.options.get("partition")
+        when, known = self._inventory.get(partition, (-math.inf, {}))
+        if time.monotonic() - when <= INVENTORY_TTL_S:
+            return known
         try:
             nodes = await self.slurm.nodes(str(partition) if partition else None)
         except EngineError as e:
             raise EngineError(f"pool {pool.name}: {e}") from None
-        return {"nodes": [node.describe() for node in nodes]}
+        known = {"nodes": [node.describe() for node in nodes]}
+        self._inventory[partition] = (time.monotonic(), known)
+        return known
 
     async def start(self, launch: Launch) -> Handle:
         name = f"velda-{launch.task_id}.{launch.attempt}"
