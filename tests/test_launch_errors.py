@@ -96,6 +96,7 @@ class RaisingEngine:
     """Raises on start for commands that say so; starts nothing else (the test ends them)."""
 
     name, places_work, writes_log_index = "local", False, True
+    samples_here = False
 
     def check_task(self, pool: Pool, cwd: str, shards: int | None, gang: bool) -> None:
         return None

@@ -21,6 +21,7 @@ class FakeEngine:
     """Starts nothing; the test ends attempts by hand."""
 
     name, places_work, writes_log_index = "local", False, True
+    samples_here = False
 
     def check_task(self, pool: Pool, cwd: str, shards: int | None, gang: bool) -> None:
         return None

@@ -190,6 +190,14 @@ def test_recursive_two_levels_on_slurm(velda: Velda, example: Path) -> None:
 # ---------------------------------------------------------------- what a task sees
 
 
+def test_a_slurm_task_gets_its_cpu_totals(velda: Velda) -> None:
+    spin = "import time; t = time.monotonic()\nwhile time.monotonic() - t < 1.5: pass"
+    task_id = velda.vbatch("-P", "cpu-1", "python3", "-c", spin)
+    usage = velda.wait(task_id)["usage"]
+    assert usage["final"] is True and usage["samples"] == 0  # nothing sampled on the node
+    assert 1.2 <= usage["cpu_s"] < 5, usage
+
+
 def test_a_task_runs_as_a_slurm_job(velda: Velda) -> None:
     seen = velda.run("vrun", "-P", "cpu-1", "--name", "where", "sh", "-c",
                      "echo $SLURM_JOB_ID $SLURM_JOB_NAME $SLURM_JOB_PARTITION $SLURMD_NODENAME",

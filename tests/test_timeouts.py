@@ -28,6 +28,7 @@ class QueueingEngine:
     """Runs `sleep-then-exit SECONDS CODE_OF_ATTEMPT_1 CODE_LATER` after QUEUE_S in a queue."""
 
     name, places_work, writes_log_index = "queueing", True, True
+    samples_here = False
 
     def __init__(self, pool: Pool, events: EngineEvents) -> None:
         self.events = events

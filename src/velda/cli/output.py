@@ -12,14 +12,16 @@ if TYPE_CHECKING:
     from typing import Any
 
 TABLE = ["id", "name", "status", "pool", "children", "created", "duration"]
-WIDE = TABLE + ["attempt", "exit_code", "reason", "parent_id", "labels", "command"]
+WIDE = TABLE + ["cpu", "memory", "attempt", "exit_code", "reason", "parent_id", "labels",
+                "command"]
 FORMATS = ("table", "wide", "json", "yaml")
 # The fields of a task's JSON (SPEC §3.2) and the ones computed from them, for -o a,b,c
 TASK_FIELDS = (
     "id", "name", "status", "pool", "command", "cwd", "parent_id", "labels", "priority",
     "attempt", "retries", "timeout_s", "exit_code", "signal", "reason", "reason_detail",
     "created_at", "started_at", "finished_at", "resolved_at", "depends_on", "children",
-    "shard_id", "total_shards", "gang", "waiting_for", "created", "duration",
+    "shard_id", "total_shards", "gang", "waiting_for", "usage", "created", "duration", "cpu",
+    "memory",
 )
 
 
@@ -82,6 +84,10 @@ def cell(row: dict[str, Any], column: str) -> str:
         return short_time(row.get("created_at"))
     if column == "duration":
         return duration(row.get("started_at"), row.get("resolved_at") or row.get("finished_at"))
+    if column in ("cpu", "memory") and "usage" in row:
+        from velda.cli.usage import cpu_cell, memory_cell
+
+        return (cpu_cell if column == "cpu" else memory_cell)(row["usage"])
     value = row.get(column)
     if value is None:
         return "-"

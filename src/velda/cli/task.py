@@ -25,6 +25,8 @@ EXAMPLES = {
     "watch": "velda task watch pipeline       # live progress of its subtree",
     "cancel": "velda task cancel pipeline      # and everything under it",
     "retry": "velda task retry pipeline       # re-run only what failed",
+    "top": "velda task top                  # running tasks by CPU and memory, live\n"
+           "  velda task top --once -n 5       # the 5 busiest, once",
 }
 
 
@@ -35,6 +37,7 @@ TASK_EPILOG = """examples:
   velda task watch pipeline           progress of a fan-out until it ends
   velda task cancel pipeline          cancel it and everything under it
   velda task retry pipeline           re-run only what failed
+  velda task top                      running tasks by CPU and memory, like top
 
 CHILDREN(OK/FAILED/ALL) in tables counts a task's own children (not theirs): OK succeeded,
 FAILED failed or could not run because what they waited for failed, ALL is every child, so
@@ -66,6 +69,12 @@ def add_parsers(sub: Any) -> None:
         "ref", metavar="REF")
     _verb(verbs, "cancel", "cancel a task and its whole subtree").add_argument("ref")
     _verb(verbs, "retry", "re-run a task that did not succeed").add_argument("ref")
+    top = _verb(verbs, "top", "a live table of running tasks by CPU and memory")
+    top.add_argument("--once", action="store_true", help="print the table once and exit")
+    top.add_argument("-n", "--max-rows", type=int, default=30, metavar="N",
+                     help="show the N busiest (default 30)")
+    top.add_argument("-d", "--delay", type=float, default=2.0, metavar="S",
+                     help="seconds between refreshes (default 2)")
 
 
 def _verb(verbs: Any, name: str, summary: str) -> argparse.ArgumentParser:
@@ -118,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     client = connect()
     handler = {
         "log": _log, "get": _get, "list": _list, "search": _search, "watch": _watch,
-        "cancel": _cancel, "retry": _retry,
+        "cancel": _cancel, "retry": _retry, "top": _top,
     }[args.verb]
     return handler(client, args)
 
@@ -139,7 +148,21 @@ def _get(client: Client, args: argparse.Namespace) -> int:
     waiting = task.get("waiting_for")
     if waiting and args.output in ("table", "wide"):
         print(f"waiting: {waiting['message']}")
+    if args.output in ("table", "wide"):
+        from velda.cli.usage import usage_lines
+
+        for line in usage_lines(task):
+            print(line)
     return 0
+
+
+def _top(client: Client, args: argparse.Namespace) -> int:
+    from velda.cli.usage import top
+
+    if args.max_rows < 1 or args.delay <= 0:
+        print("velda task top: -n must be at least 1 and -d more than 0", file=sys.stderr)
+        return 2
+    return top(client, args.delay, args.once, args.max_rows)
 
 
 def _list(client: Client, args: argparse.Namespace) -> int:

@@ -77,6 +77,9 @@ class Engine(Protocol):
     # True when the engine writes the attempt's chunk index (logindex.py) itself; otherwise
     # the server indexes the log files while the attempt runs (they must be readable there)
     writes_log_index: bool
+    # True when an attempt is a session of processes on the server's machine led by the
+    # handle's "pid": the server samples what it uses from /proc (server/usage.py)
+    samples_here: bool
 
     async def check(self, pool: Pool) -> None:
         """Raise EngineError with a one-line reason if the pool cannot take work now."""

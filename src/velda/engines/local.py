@@ -72,6 +72,7 @@ class LocalEngine:
     name = "local"
     places_work = False
     writes_log_index = False  # the server indexes the files as they grow
+    samples_here = True
 
     def __init__(self, events: EngineEvents, cpus: float | None, gpus: int | None) -> None:
         self.events = events

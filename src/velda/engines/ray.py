@@ -99,6 +99,7 @@ class RayEngine:
     name = "ray"
     places_work = True
     writes_log_index = True  # the bridge writes the chunk index with the logs
+    samples_here = False  # on the nodes
 
     def __init__(self, pool: Pool, events: EngineEvents) -> None:
         self.events = events

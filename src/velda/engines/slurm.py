@@ -89,6 +89,7 @@ class SlurmEngine:
     name = "slurm"
     places_work = True
     writes_log_index = False  # the server indexes the log files as they grow
+    samples_here = False  # on the nodes; the wrapper's `times` still gives the CPU totals
 
     def __init__(self, pool: Pool, events: EngineEvents) -> None:
         self.pool = pool

@@ -15,9 +15,12 @@ an exit status above 128 as that signal.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from velda.models import Exit
+
+_TIME = re.compile(rb"(\d+)m([\d.]+)s")
 
 WRAPPER = r"""
 d=$1
@@ -37,6 +40,7 @@ trap : INT TERM HUP QUIT USR1 USR2
   esac
   exec "$@" )
 s=$?
+command times > "$d/times"
 echo $s 1<> "$d/status"
 exit $s
 """
@@ -46,6 +50,10 @@ exit $s
 # exec it looks the command up with builtins only (no fork), so that a command that cannot
 # start says why in words a user can act on, with a shell's exit codes (127, 126), instead of
 # the shell's own "velda-task: 7: exec: ...: not found".
+# `times` (a builtin: no fork) writes the CPU time of the shell and of what it waited for,
+# the command and everything it reaped, so the server gets an attempt's exact CPU totals
+# (server/usage.py) without watching it end. `command` takes away its rank of special
+# builtin, whose failed redirection (a full disk) would end the shell before the status.
 # The status file is written blank at the start and overwritten in place (`1<>`) at the end,
 # so the exit status finds room on a disk that filled up meanwhile; the wrapper also exits
 # with it, for the server to read from waitpid when even that failed.
@@ -71,6 +79,25 @@ def read_int(path: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def read_times(attempt_dir: Path) -> tuple[float, float] | None:
+    """The user and system CPU seconds of an ended attempt's command and what it reaped, from
+    the `times` its wrapper wrote; None if it wrote none (it was killed, or still runs)."""
+    try:
+        fd = os.open(attempt_dir / "times", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        found = _TIME.findall(os.read(fd, 256))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(found) != 4:  # the shell's own user and system, then its children's
+        return None
+    seconds = [int(m) * 60 + float(s) for m, s in found]
+    return seconds[0] + seconds[2], seconds[1] + seconds[3]
 
 
 def unusable_env(env: dict[str, str], error: ValueError) -> str:

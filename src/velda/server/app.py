@@ -26,6 +26,7 @@ from velda.server.doors import LOOPBACK_NAMES, HostCheck, origin_refusal
 from velda.server.openapi import MAX_ATTEMPT, MAX_PAGE, openapi_document
 from velda.server.runtime import Runtime
 from velda.server.space import is_full, no_space
+from velda.server.usage import chart as usage_chart
 from velda.server.views import start_failure, task_detail, task_json, tasks_json
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
@@ -42,6 +43,7 @@ class Api:
         self.auth = auth
         self.store = runtime.store
         views.explain_waiting = waiting.explainer(runtime)  # waiting_for in every task's JSON
+        views.attempt_usage = runtime.attempt_usage  # usage, likewise
 
     def guarded(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
@@ -242,6 +244,17 @@ class Api:
         body = self.blocking_follow(principal, task, events)
         return StreamingResponse(body, media_type="text/event-stream")
 
+    async def usage(self, request: Request, principal: Principal) -> Response:
+        task = self.task(request, principal)
+        q = request.query_params
+        attempt = parse_int(q.get("attempt"), "attempt", 1, MAX_ATTEMPT) or max(task.attempt, 1)
+        if attempt > max(task.attempt, 1):
+            raise BadRequest(f"attempt: task {task.id} has {task.attempt} attempt(s)", "attempt")
+        ended = task.finished_at if attempt == task.attempt else task.started_at
+        measured = self.runtime.attempt_usage(task.id, attempt, ended)
+        samples = usage_chart(self.runtime.attempt_dir(task.id, attempt))
+        return JSONResponse({"attempt": attempt, "usage": measured, "samples": samples})
+
     async def pools(self, request: Request, principal: Principal) -> Response:
         pools = await self.runtime.pool_usage()
         return JSONResponse({"pools": pools, "machine": self.runtime.machine_usage()})
@@ -365,6 +378,7 @@ def build_app(
         Route("/api/v1/tasks/{id:int}/cancel", g(api.cancel), methods=["POST"]),
         Route("/api/v1/tasks/{id:int}/retry", g(api.retry), methods=["POST"]),
         Route("/api/v1/tasks/{id:int}/signal", g(api.signal), methods=["POST"]),
+        Route("/api/v1/tasks/{id:int}/usage", g(api.usage)),
         Route("/api/v1/pools", g(api.pools)),
         Route("/api/v1/login-links", g(api.login_link), methods=["POST"]),
     ]

@@ -69,6 +69,8 @@ CALLS: list[tuple[str, str, str, str | None, list[str], str, str, list[str]]] = 
      ["id", "Idempotency-Key"], "200", "Task", ["400", "403", "404", "409", "413", "507"]),
     ("post", "/api/v1/tasks/{id}/signal", "Send a signal to a running task", "SignalRequest",
      ["id"], "200", "Ok", ["400", "403", "404", "409", "413"]),
+    ("get", "/api/v1/tasks/{id}/usage", "What an attempt used, sample by sample", None,
+     ["id", "attempt"], "200", "Usage", ["400", "403", "404"]),
     ("get", "/api/v1/pools", "Pools and their use", None, [], "200", "Pools", []),
     ("get", "/api/v1/server", "Server status", None, [], "200", "Server", []),
     ("post", "/api/v1/server/reload", "Read velda.toml again", None, [], "200", "object",
@@ -95,6 +97,18 @@ _NULL_STR = {"type": ["string", "null"]}
 _NULL_INT = {"type": ["integer", "null"]}
 _NULL_TIME = {"type": ["string", "null"], "format": "date-time"}
 _COUNTS = {"type": "object", "additionalProperties": {"type": "integer"}}
+_NULL_NUM = {"type": ["number", "null"]}
+USAGE_SCHEMA: dict[str, Any] = {
+    "type": ["object", "null"],
+    "description": "what the attempt used (local pools; CPU totals on Slurm): docs/api.md",
+    "properties": {
+        "cpu_user_s": {"type": "number"}, "cpu_system_s": {"type": "number"},
+        "cpu_s": {"type": "number"}, "cpu_percent": _NULL_NUM,
+        "memory_bytes": _NULL_INT, "peak_memory_bytes": _NULL_INT, "processes": _NULL_INT,
+        "samples": {"type": "integer"}, "final": {"type": "boolean"},
+        "gpus": {"type": "array", "items": {"type": "object"}},
+    },
+}
 TASK_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["id", "status", "pool", "command", "labels", "created_at", "children"],
@@ -130,6 +144,7 @@ TASK_SCHEMA: dict[str, Any] = {
             "properties": {"reason": {"type": "string"}, "message": {"type": "string"},
                            "never": {"type": "boolean"}},
         },
+        "usage": USAGE_SCHEMA,
         "env": {"type": "object", "additionalProperties": {"type": "string"}},
     },
 }
@@ -146,6 +161,15 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}},
             "next_page_token": _NULL_STR,
+        },
+    },
+    "Usage": {
+        "type": "object",
+        "required": ["attempt", "usage", "samples"],
+        "properties": {
+            "attempt": {"type": "integer"},
+            "usage": USAGE_SCHEMA,
+            "samples": {"type": "array", "items": {"type": "object"}},
         },
     },
     "Ok": {"type": "object", "properties": {"ok": {"type": "boolean"}}},

@@ -54,6 +54,7 @@ from velda.server.retry import reopen
 from velda.server.sampler import ChunkSampler
 from velda.server.space import Space, is_full
 from velda.server.timeouts import Timeouts
+from velda.server.usage import UsageSampler, usage_of
 from velda.store.base import Store
 
 S = TaskStatus
@@ -86,6 +87,7 @@ class Runtime:
         self.url = ""
         self.notifier = Notifier()
         self.sampler = ChunkSampler(now)  # the chunk index of running local attempts
+        self.usage = UsageSampler(now)  # what running local attempts use
         self.resolver = Resolver(store)
         self.local: Engine = (
             local(self) if local else LocalEngine(self, config.local_cpus, config.local_gpus)
@@ -528,6 +530,11 @@ class Runtime:
     def attempt_dir(self, task_id: int, attempt: int) -> Path:
         return launches.attempt_dir(self.home, task_id, attempt)
 
+    def attempt_usage(self, task_id: int, attempt: int,
+                      ended_at: float | None) -> dict[str, Any] | None:
+        """What an attempt used (server/usage.py), or None where nothing was measured."""
+        return usage_of(self.attempt_dir(task_id, attempt), self.usage, ended_at)
+
     # --- engine events
 
     def running(self, task_id: str, attempt: int, handle: Handle) -> None:
@@ -566,13 +573,20 @@ class Runtime:
         here unless its engine indexes them itself."""
         if task.timeout_s and task.started_at is not None:
             self.timeouts.arm(task.id, task.attempt, task.started_at, task.timeout_s)
-        if not self.engine_of(task.pool).writes_log_index:
-            self.sampler.watch(self.attempt_dir(task.id, task.attempt))
+        engine = self.engine_of(task.pool)
+        directory = self.attempt_dir(task.id, task.attempt)
+        if not engine.writes_log_index:
+            self.sampler.watch(directory)
+        leader = (task.handle or {}).get("pid")
+        if engine.samples_here and isinstance(leader, int):
+            self.usage.watch(directory, leader, task.alloc.gpu_ids if task.alloc else ())
 
     def exited(self, task_id: str, attempt: int, exit: Exit) -> None:
         """An attempt ended. An exit that finds the disk full is kept in memory and written
         as soon as there is space (the status file keeps it across a restart too)."""
-        self.sampler.unwatch(self.attempt_dir(int(task_id), attempt))
+        directory = self.attempt_dir(int(task_id), attempt)
+        self.sampler.unwatch(directory)
+        self.usage.unwatch(directory)
         self._commit_or_keep(
             ("exit", task_id, attempt), lambda: self._commit_exit(int(task_id), attempt, exit)
         )
@@ -777,6 +791,7 @@ class Runtime:
 
     async def close(self) -> None:
         self.sampler.close()
+        self.usage.close()
         self.space.close()
         for deadline in self.deadlines.values():
             deadline.cancel()

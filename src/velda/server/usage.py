@@ -1,0 +1,344 @@
+"""What each attempt of a local task uses: CPU time, CPU %, memory, and its GPUs.
+
+The server samples it from /proc, with no process of its own per task: every INTERVAL_S, for
+each running attempt, it walks the process tree under the attempt's wrapper (the leader of the
+attempt's session, `handle["pid"]`) through /proc/PID/task/TID/children and reads each
+process's /proc/PID/stat. A sample is the tree's CPU time (user and system, its own plus what
+its processes reaped), its resident memory (the sum of the tree's RSS) and its process count,
+and on a GPU pool each of its devices' utilisation and memory from NVML (gpu_usage.py). Each
+sample is one JSON line appended to the attempt's `usage` file, which the task page charts.
+
+At the end the exact CPU totals come from the status-file wrapper, which writes its shell's
+`times` into the attempt's `times` file as it exits (status_file.py); the summary of the
+attempt (the `usage` object of the API, docs/api.md) is then written to `usage.json` beside
+it. An attempt adopted after a restart continues its file; one that ended while no server
+watched is summarised from what its files hold when it is first asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from velda.engines.status_file import read_int, read_times
+from velda.server import gpu_usage
+
+INTERVAL_S = 1.0
+MAX_SHARE = 0.02  # of the event loop's time that sampling may take
+SAMPLES = "usage"  # one JSON line per sample, in the attempt directory
+SUMMARY = "usage.json"  # the attempt's totals, written when it ended
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Sample:
+    t: float
+    user_s: float
+    system_s: float
+    rss: int  # bytes, the whole tree
+    procs: int
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+
+    def line(self) -> str:
+        data: dict[str, Any] = {"t": round(self.t, 3), "user_s": round(self.user_s, 3),
+                                "system_s": round(self.system_s, 3), "rss": self.rss,
+                                "procs": self.procs}
+        if self.gpus:
+            data["gpus"] = self.gpus
+        return json.dumps(data, separators=(",", ":")) + "\n"
+
+
+def sample_tree(leader: int, at: float) -> Sample | None:
+    """The tree of processes under `leader` as /proc shows it now; None once it is gone."""
+    user = system = 0
+    rss = procs = 0
+    stack = [leader]
+    while stack:
+        pid = stack.pop()
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            threads = int(fields[17])
+            stack += _children(pid, threads)
+        except (OSError, IndexError, ValueError):
+            continue  # it ended meanwhile
+        procs += 1
+        # fields from 3 on: utime 14, stime 15, cutime 16, cstime 17, rss 24 (man 5 proc)
+        user += int(fields[11]) + int(fields[13])
+        system += int(fields[12]) + int(fields[14])
+        rss += int(fields[21])
+    if procs == 0:
+        return None
+    return Sample(at, user / _TICK, system / _TICK, rss * _PAGE, procs)
+
+
+def _children(pid: int, threads: int) -> list[int]:
+    tids = [str(pid)] if threads <= 1 else os.listdir(f"/proc/{pid}/task")
+    found: list[int] = []
+    for tid in tids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+            found += [int(c) for c in f.read().split()]
+    return found
+
+
+class _Watched:
+    """One running attempt: where its samples go and what they said so far."""
+
+    def __init__(self, attempt_dir: Path, leader: int, gpu_ids: tuple[int, ...]) -> None:
+        self.dir = attempt_dir
+        self.leader = leader
+        self.gpu_ids = gpu_ids
+        earlier = read_samples(attempt_dir)  # an adopted attempt continues its file
+        self.first = earlier[0] if earlier else None
+        self.last = earlier[-1] if earlier else None
+        self.previous: Sample | None = earlier[-2] if len(earlier) > 1 else None
+        self.peak_rss = max((s.rss for s in earlier), default=0)
+        self.peak_gpu = _gpu_peaks(earlier)
+        self.samples = len(earlier)
+
+    def sample(self, at: float) -> None:
+        sample = sample_tree(self.leader, at)
+        if sample is None:
+            return
+        if self.gpu_ids:
+            sample.gpus = gpu_usage.devices(self.gpu_ids)
+        self.previous, self.last = self.last, sample
+        self.first = self.first or sample
+        self.peak_rss = max(self.peak_rss, sample.rss)
+        for gpu in sample.gpus:
+            index = gpu["index"]
+            self.peak_gpu[index] = max(self.peak_gpu.get(index, 0), gpu["memory_bytes"])
+        self.samples += 1
+        _append(self.dir / SAMPLES, sample.line())
+
+    def summary(self, ended_at: float | None) -> dict[str, Any]:
+        return summarise(self.first, self.previous, self.last, self.samples, self.peak_rss,
+                         self.peak_gpu, None if ended_at is None else read_times(self.dir),
+                         ended_at)
+
+
+class UsageSampler:
+    """Samples the running local attempts it was told of, every INTERVAL_S."""
+
+    def __init__(self, now: Callable[[], float] = time.time,
+                 interval: float = INTERVAL_S) -> None:
+        self.now = now
+        self.interval = interval
+        self._watched: dict[Path, _Watched] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, attempt_dir: Path, leader: int, gpu_ids: tuple[int, ...] = ()) -> None:
+        if attempt_dir in self._watched:
+            return
+        watched = _Watched(attempt_dir, leader, gpu_ids)
+        self._watched[attempt_dir] = watched
+        with contextlib.suppress(OSError):
+            watched.sample(self.now())  # a first sample at once: short tasks have one too
+        if self._timer is None:
+            self._arm()
+
+    def unwatch(self, attempt_dir: Path) -> None:
+        """The attempt ended: its totals are written to its summary file."""
+        watched = self._watched.pop(attempt_dir, None)
+        if watched is not None:
+            ended_at = _ended_at(attempt_dir) or self.now()
+            _write_summary(attempt_dir, watched.summary(ended_at))
+
+    def live(self, attempt_dir: Path) -> dict[str, Any] | None:
+        """The usage of a running attempt, as its last samples say; None if not watched."""
+        watched = self._watched.get(attempt_dir)
+        return None if watched is None else watched.summary(None)
+
+    def sample_all(self) -> float:
+        """One pass; how long it took (seconds)."""
+        start = time.perf_counter()
+        at = self.now()
+        for watched in list(self._watched.values()):
+            with contextlib.suppress(OSError):
+                watched.sample(at)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        """Stop: the attempts run on, and the next server continues their files."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._watched.clear()
+
+    def _arm(self, delay: float | None = None) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (tests of pure steps)
+        self._timer = loop.call_later(delay or self.interval, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        took = self.sample_all()
+        if self._watched:
+            self._arm(max(self.interval, took / MAX_SHARE))
+
+
+def usage_of(attempt_dir: Path, sampler: UsageSampler,
+             ended_at: float | None) -> dict[str, Any] | None:
+    """An attempt's `usage` object: live while the sampler watches it, else its summary
+    (made now from its files, and kept, if it ended, at `ended_at`, while no server
+    watched)."""
+    live = sampler.live(attempt_dir)
+    if live is not None:
+        return live
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        return dict(json.loads(_read(attempt_dir / SUMMARY)))
+    samples = read_samples(attempt_dir)
+    times = read_times(attempt_dir)
+    if not samples and times is None:
+        return None  # not a local attempt, or it never ran
+    summary = summarise(samples[0] if samples else None,
+                        samples[-2] if len(samples) > 1 else None,
+                        samples[-1] if samples else None, len(samples),
+                        max((s.rss for s in samples), default=0), _gpu_peaks(samples), times,
+                        _ended_at(attempt_dir) or ended_at)
+    if summary["final"]:
+        _write_summary(attempt_dir, summary)
+    return summary
+
+
+def summarise(first: Sample | None, previous: Sample | None, last: Sample | None,
+              samples: int, peak_rss: int, peak_gpu: dict[int, int],
+              times: tuple[float, float] | None, ended_at: float | None) -> dict[str, Any]:
+    """The `usage` object (docs/api.md): CPU seconds, CPU % now (or over the whole attempt
+    once it ended at `ended_at`), memory now and at its peak, each GPU's last figures and
+    peak memory."""
+    final = ended_at is not None
+    user, system = times if times is not None else (
+        (last.user_s, last.system_s) if last is not None else (0.0, 0.0))
+    if ended_at is not None:
+        span = ended_at - first.t if first is not None else 0.0
+        percent = 100 * (user + system) / span if span > 0 else None
+    elif previous is not None and last is not None and last.t > previous.t:
+        used = last.user_s + last.system_s - previous.user_s - previous.system_s
+        percent = 100 * max(used, 0.0) / (last.t - previous.t)
+    else:
+        percent = None
+    gpus = [{**gpu, "peak_memory_bytes": peak_gpu.get(gpu["index"], gpu["memory_bytes"])}
+            for gpu in (last.gpus if last is not None else [])]
+    return {
+        "cpu_user_s": round(user, 3),
+        "cpu_system_s": round(system, 3),
+        "cpu_s": round(user + system, 3),
+        "cpu_percent": None if percent is None else round(percent, 1),
+        "memory_bytes": None if final or last is None else last.rss,
+        "peak_memory_bytes": peak_rss if samples else None,
+        "processes": None if final or last is None else last.procs,
+        "samples": samples,
+        "gpus": gpus,
+        "final": final,
+    }
+
+
+def chart(attempt_dir: Path) -> list[dict[str, Any]]:
+    """The attempt's samples as the task page draws them: time, CPU % since the sample
+    before, memory, and each GPU's utilisation and memory."""
+    points = []
+    previous: Sample | None = None
+    for sample in read_samples(attempt_dir):
+        percent = None
+        if previous is not None and sample.t > previous.t:
+            used = sample.user_s + sample.system_s - previous.user_s - previous.system_s
+            percent = round(100 * max(used, 0.0) / (sample.t - previous.t), 1)
+        points.append({"t": sample.t, "cpu_percent": percent, "memory_bytes": sample.rss,
+                       "gpus": sample.gpus})
+        previous = sample
+    return points
+
+
+def read_samples(attempt_dir: Path) -> list[Sample]:
+    """The attempt's samples, in order; a line cut short by a crash is left out."""
+    try:
+        text = _read(attempt_dir / SAMPLES).decode(errors="replace")
+    except OSError:
+        return []
+    samples = []
+    for line in text.splitlines():
+        try:
+            data = json.loads(line)
+            samples.append(Sample(float(data["t"]), float(data["user_s"]),
+                                  float(data["system_s"]), int(data["rss"]),
+                                  int(data["procs"]), list(data.get("gpus", []))))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return samples
+
+
+def _gpu_peaks(samples: list[Sample]) -> dict[int, int]:
+    peaks: dict[int, int] = {}
+    for sample in samples:
+        for gpu in sample.gpus:
+            peaks[gpu["index"]] = max(peaks.get(gpu["index"], 0), gpu["memory_bytes"])
+    return peaks
+
+
+def _ended_at(attempt_dir: Path) -> float | None:
+    """When the attempt's wrapper wrote its exit status; None while it runs (or if the
+    wrapper was killed before it could)."""
+    path = attempt_dir / "status"
+    if read_int(path) is None:  # blank until the command ends
+        return None
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
+
+
+def _write_summary(attempt_dir: Path, summary: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):
+        _append(attempt_dir / SUMMARY, json.dumps(summary), truncate=True)
+
+
+# The attempt directory of a pool that runs as another user is shared with that user
+# (run_as.py): never follow a link found there, never block on a FIFO, write regular files only.
+_SAFE = os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+def _append(path: Path, text: str, truncate: bool = False) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | _SAFE | (os.O_TRUNC if truncate else os.O_APPEND)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | _SAFE)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def subtree_totals(usages: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a parent's subtree used: CPU seconds summed, the largest peak of memory."""
+    return {
+        "cpu_user_s": round(sum(u["cpu_user_s"] for u in usages), 3),
+        "cpu_system_s": round(sum(u["cpu_system_s"] for u in usages), 3),
+        "cpu_s": round(sum(u["cpu_s"] for u in usages), 3),
+        "peak_memory_bytes": max((u["peak_memory_bytes"] or 0 for u in usages), default=None),
+        "attempts": len(usages),
+    }

@@ -1,0 +1,144 @@
+"""What each attempt used (server/usage.py): CPU time and %, memory now and at its peak, per
+attempt and for a parent's subtree, through `velda task get`, `-o json`, `-o wide` and
+`velda task top`, and kept across a kill -9 of the server. Real tasks on a real server."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from velda.server import gpu_usage
+from velda_cli import Velda
+
+MB = 1024 * 1024
+Hog = Callable[[int, float], list[str]]
+
+
+HOG = """
+import sys, time
+megabytes, seconds = int(sys.argv[1]), float(sys.argv[2])
+block = bytearray(megabytes * 1024 * 1024)
+for i in range(0, len(block), 4096):
+    block[i] = 1
+start = time.monotonic()
+while time.monotonic() - start < seconds:
+    pass
+print(round(time.monotonic() - start, 3))
+"""
+
+
+@pytest.fixture
+def hog(velda: Velda) -> Hog:
+    """A command that holds that many megabytes of memory (touched) and spins one CPU for
+    that many seconds, then prints how long it spun."""
+    script = velda.cwd / "hog.py"
+    script.write_text(HOG)
+    return lambda megabytes, seconds: ["python3", str(script), str(megabytes), str(seconds)]
+
+
+def usage(velda: Velda, ref: str) -> dict[str, object]:
+    task = json.loads(velda.run("velda", "task", "get", ref, "-o", "json", check=True).stdout)
+    return dict(task["usage"])
+
+
+def wait_for(velda: Velda, ref: str, samples: int, timeout: float = 30) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = usage(velda, ref)
+        if int(str(found["samples"])) >= samples:
+            return found
+        assert time.monotonic() < deadline, found
+        time.sleep(0.2)
+
+
+def test_cpu_time_and_peak_memory_of_a_task(velda: Velda, hog: Hog) -> None:
+    task_id = velda.vbatch(*hog(200, 3))
+    running = wait_for(velda, task_id, samples=3)
+    assert running["final"] is False
+    assert int(str(running["memory_bytes"])) >= 200 * MB
+    assert float(str(running["cpu_percent"])) > 50  # one CPU spinning
+    task = velda.wait(task_id)
+    assert task["status"] == "SUCCESS"
+    spun = float(velda.log(task_id).stdout)
+    done = task["usage"]
+    assert done["final"] is True and done["memory_bytes"] is None
+    assert done["peak_memory_bytes"] >= 200 * MB
+    assert spun * 0.8 <= done["cpu_s"] <= spun + 2  # close to its run time (plus start-up)
+    assert done["cpu_s"] == pytest.approx(done["cpu_user_s"] + done["cpu_system_s"], abs=0.01)
+    assert 50 < done["cpu_percent"] <= 110
+    text = velda.run("velda", "task", "get", task_id, check=True).stdout
+    assert f"usage: cpu {done['cpu_s']:.2f} s" in text and "memory peak 2" in text, text
+
+
+def test_a_short_task_gets_exact_cpu_totals(velda: Velda) -> None:
+    task = velda.wait(velda.vbatch("true"))
+    assert task["usage"]["final"] is True
+    assert task["usage"]["samples"] >= 1
+    assert 0 <= task["usage"]["cpu_s"] < 1
+
+
+def test_wide_listing_and_top_show_what_running_tasks_use(velda: Velda, hog: Hog) -> None:
+    busy = velda.vbatch("--name", "busy", *hog(50, 30))
+    idle = velda.vbatch("--name", "idle", "sleep", "30")
+    wait_for(velda, busy, samples=2)
+    wait_for(velda, idle, samples=2)
+    top = velda.run("velda", "task", "top", "--once", check=True).stdout.splitlines()
+    assert top[0].endswith("2 running"), top
+    header, first, second = top[1].split(), top[2].split(), top[3].split()
+    assert header[:4] == ["ID", "NAME", "POOL", "CPU%"]
+    assert (first[1], second[1]) == ("busy", "idle")  # busiest first
+    assert int(first[3]) > 50 and int(second[3]) < 10
+    wide = velda.run("velda", "task", "list", "-o", "wide", check=True).stdout.splitlines()
+    columns = wide[0].split()
+    assert "CPU" in columns and "MEMORY" in columns
+    busy_row = next(line for line in wide if line.split()[1] == "busy")
+    assert " MB" in busy_row and "%" in busy_row
+    for task_id in (busy, idle):
+        velda.run("velda", "task", "cancel", task_id, check=True)
+    assert velda.wait(busy)["usage"]["final"] is True
+    assert "no task is running" in velda.run("velda", "task", "top", "--once").stdout
+
+
+def test_each_attempt_and_a_parents_subtree(velda: Velda, hog: Hog, tmp_path: Path) -> None:
+    marker = tmp_path / "first-attempt-done"
+    spin = " ".join(hog(1, 1))
+    script = f"{spin} && [ -e {marker} ] && exit 0; touch {marker}; exit 1"
+    retried = velda.wait(velda.vbatch("--retries", "1", "sh", "-c", script))
+    assert retried["status"] == "SUCCESS" and retried["attempt"] == 2
+    attempts = velda.get(retried["id"])["attempts"]
+    assert [a["usage"]["final"] for a in attempts] == [True, True]
+    assert all(a["usage"]["cpu_s"] >= 0.8 for a in attempts)
+    parent = velda.vbatch("sh", "-c", " ; ".join(
+        [f"vbatch --name c{i} {' '.join(hog(20, 1))}" for i in range(2)]))
+    assert velda.wait(parent)["status"] == "SUCCESS"
+    subtree = velda.get(parent)["subtree_usage"]
+    assert subtree["attempts"] == 2
+    assert subtree["cpu_s"] >= 1.6 and subtree["peak_memory_bytes"] >= 20 * MB
+    text = velda.run("velda", "task", "get", parent, check=True).stdout
+    assert "subtree: cpu" in text and "in 2 attempt(s)" in text
+
+
+def test_usage_survives_a_killed_server(velda: Velda, hog: Hog) -> None:
+    task_id = velda.vbatch(*hog(120, 4))
+    wait_for(velda, task_id, samples=2)
+    velda.kill_server()
+    task = velda.wait(task_id, timeout=60)  # a new server adopts it and samples on
+    assert task["status"] == "SUCCESS"
+    spun = float(velda.log(task_id).stdout)
+    assert task["usage"]["peak_memory_bytes"] >= 120 * MB  # seen before the kill
+    assert spun * 0.8 <= task["usage"]["cpu_s"] <= spun + 2  # exact, from the wrapper
+
+
+def test_gpu_figures_come_from_nvml(velda: Velda) -> None:
+    if not gpu_usage.available():
+        pytest.skip(f"no GPU figures here: {gpu_usage.why_unavailable()}")
+    velda.configure("[pools.gpu]\ngpus = 1\n")
+    task_id = velda.vbatch("-P", "gpu", "sleep", "3")
+    found = wait_for(velda, task_id, samples=2)
+    gpus = found["gpus"]
+    assert isinstance(gpus, list) and [g["index"] for g in gpus] == [0]
+    assert gpus[0]["memory_total_bytes"] > 0
