@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -135,6 +136,19 @@ class Harness:
     def run_to_end(self, launch: Launch, timeout_s: float = 60) -> Exit:
         self.start(launch)
         return self.wait_exit(launch, timeout_s)
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+GROUP = ["sh", "-c", "sleep 1000 & echo $$ $!; wait"]  # a process group of two
+
+
+def group_pids(harness: Harness, launch: Launch) -> list[int]:
+    """The pids of a GROUP's shell and its sleep, once it printed them."""
+    harness.wait_output(launch, "\n")
+    return [int(p) for p in launch.stdout_path.read_text().split()]
 
 
 @contextlib.contextmanager

@@ -12,15 +12,22 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from engine_harness import Harness, local_harness, ray_harness, slurm_harness
-from velda.engines.base import Launch, NotStartedError
+from engine_harness import (
+    GROUP,
+    Harness,
+    group_pids,
+    local_harness,
+    python,
+    ray_harness,
+    slurm_harness,
+)
+from velda.engines.base import NotStartedError
 from velda.models import Exit, Reason
 from velda_cli import alive
 
@@ -55,18 +62,6 @@ def restarted(engine: Harness) -> Iterator[Harness]:
         yield h
     finally:
         h.close()
-
-
-def python(code: str) -> list[str]:
-    return [sys.executable, "-c", code]
-
-
-GROUP = ["sh", "-c", "sleep 1000 & echo $$ $!; wait"]  # a process group of two
-
-
-def group_pids(engine: Harness, launch: Launch) -> list[int]:
-    engine.wait_output(launch, "\n")
-    return [int(p) for p in launch.stdout_path.read_text().split()]
 
 
 # The same bytes are computed here and written by the task: ~5 MB of stdout in pieces of

@@ -13,16 +13,15 @@ import contextlib
 import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from engine_harness import CPU, Harness, Recorder, ray_harness
+from engine_harness import CPU, GROUP, Harness, Recorder, group_pids, python, ray_harness
 from ray_cluster import RayCluster, start_cluster
-from velda.engines.base import EngineError, Launch
+from velda.engines.base import EngineError
 from velda.engines.ray import RayEngine
 from velda.models import Exit, Pool, Reason, Resources
 from velda_cli import alive
@@ -34,18 +33,6 @@ pytestmark = pytest.mark.ray
 def ray(ray_cluster: RayCluster) -> Iterator[Harness]:
     with ray_harness(ray_cluster.address) as harness:
         yield harness
-
-
-def python(code: str) -> list[str]:
-    return [sys.executable, "-c", code]
-
-
-GROUP = ["sh", "-c", "sleep 1000 & echo $$ $!; wait"]  # a process group of two
-
-
-def group_pids(harness: Harness, launch: Launch) -> list[int]:
-    harness.wait_output(launch, "\n")
-    return [int(p) for p in launch.stdout_path.read_text().split()]
 
 
 def test_the_command_finds_its_cluster(ray: Harness, tmp_path: Path) -> None:

@@ -24,17 +24,18 @@ megabytes, seconds = int(sys.argv[1]), float(sys.argv[2])
 block = bytearray(megabytes * 1024 * 1024)
 for i in range(0, len(block), 4096):
     block[i] = 1
-start = time.monotonic()
-while time.monotonic() - start < seconds:
+start = time.process_time()
+while time.process_time() - start < seconds:
     pass
-print(round(time.monotonic() - start, 3))
+print(round(time.process_time() - start, 3))
 """
 
 
 @pytest.fixture
 def hog(velda: Velda) -> Hog:
-    """A command that holds that many megabytes of memory (touched) and spins one CPU for
-    that many seconds, then prints how long it spun."""
+    """A command that holds that many megabytes of memory (touched) and spins until it has
+    used that many CPU seconds (not wall seconds: a busy machine must not make it use less),
+    then prints the CPU seconds it spun."""
     script = velda.cwd / "hog.py"
     script.write_text(HOG)
     return lambda megabytes, seconds: ["python3", str(script), str(megabytes), str(seconds)]
@@ -67,7 +68,7 @@ def test_cpu_time_and_peak_memory_of_a_task(velda: Velda, hog: Hog) -> None:
     done = task["usage"]
     assert done["final"] is True and done["memory_bytes"] is None
     assert done["peak_memory_bytes"] >= 200 * MB
-    assert spun * 0.8 <= done["cpu_s"] <= spun + 2  # close to its run time (plus start-up)
+    assert spun - 0.01 <= done["cpu_s"] <= spun + 2  # what it spun, plus start-up and the touch
     assert done["cpu_s"] == pytest.approx(done["cpu_user_s"] + done["cpu_system_s"], abs=0.01)
     assert 50 < done["cpu_percent"] <= 110
     text = velda.run("velda", "task", "get", task_id, check=True).stdout
@@ -130,7 +131,7 @@ def test_usage_survives_a_killed_server(velda: Velda, hog: Hog) -> None:
     assert task["status"] == "SUCCESS"
     spun = float(velda.log(task_id).stdout)
     assert task["usage"]["peak_memory_bytes"] >= 120 * MB  # seen before the kill
-    assert spun * 0.8 <= task["usage"]["cpu_s"] <= spun + 2  # exact, from the wrapper
+    assert spun - 0.01 <= task["usage"]["cpu_s"] <= spun + 2  # exact, from the wrapper
 
 
 def test_gpu_figures_come_from_nvml(velda: Velda) -> None:

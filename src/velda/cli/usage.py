@@ -20,12 +20,14 @@ def size(n: int | None) -> str:
     """Bytes as people read them: 512 B, 210.0 MB, 1.5 GB."""
     if n is None:
         return "-"
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TB"  # not reached
+    if n < 1024:
+        return f"{n} B"
+    value, unit = n / 1024, "KB"
+    for bigger in ("MB", "GB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f} {unit}"
 
 
 def cpu_cell(usage: dict[str, Any] | None) -> str:

@@ -44,6 +44,7 @@ class Api:
         self.store = runtime.store
         views.explain_waiting = waiting.explainer(runtime)  # waiting_for in every task's JSON
         views.attempt_usage = runtime.attempt_usage  # usage, likewise
+        views.subtree_usage = runtime.subtree_usage.of
 
     def guarded(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:

@@ -54,7 +54,7 @@ from velda.server.retry import reopen
 from velda.server.sampler import ChunkSampler
 from velda.server.space import Space, is_full
 from velda.server.timeouts import Timeouts
-from velda.server.usage import UsageSampler, usage_of
+from velda.server.usage import SubtreeUsage, UsageSampler, usage_of
 from velda.store.base import Store
 
 S = TaskStatus
@@ -88,6 +88,7 @@ class Runtime:
         self.notifier = Notifier()
         self.sampler = ChunkSampler(now)  # the chunk index of running local attempts
         self.usage = UsageSampler(now)  # what running local attempts use
+        self.subtree_usage = SubtreeUsage(store, self.attempt_usage)
         self.resolver = Resolver(store)
         self.local: Engine = (
             local(self) if local else LocalEngine(self, config.local_cpus, config.local_gpus)

@@ -10,13 +10,13 @@ are not running cost nothing. The order it keeps is exact between streams that w
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from velda.logindex import STREAMS, last_sizes, open_index, record
+from velda.server.paced import PacedPasses
 
 INTERVAL_S = 0.05
 MAX_SHARE = 0.05  # of the event loop's time that sampling may take
@@ -42,9 +42,9 @@ class _Watched:
 class ChunkSampler:
     def __init__(self, now: Callable[[], float] = time.time, interval: float = INTERVAL_S):
         self.now = now
-        self.interval = interval
         self._watched: dict[Path, _Watched] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        self._passes = PacedPasses(interval, MAX_SHARE, self.sample_all,
+                                   lambda: bool(self._watched))
 
     def watch(self, attempt_dir: Path) -> None:
         if attempt_dir in self._watched:
@@ -53,8 +53,7 @@ class ChunkSampler:
             self._watched[attempt_dir] = _Watched(attempt_dir)
         except OSError:
             return  # no index: the combined view falls back to file order
-        if self._timer is None:
-            self._arm()
+        self._passes.start()
 
     def unwatch(self, attempt_dir: Path) -> None:
         """The attempt ended: one last record for what it wrote since the last pass."""
@@ -80,24 +79,7 @@ class ChunkSampler:
 
     def close(self) -> None:
         """Stop without final records: the attempts keep running, the next server goes on."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._passes.stop()
         for watched in self._watched.values():
             os.close(watched.fd)
         self._watched.clear()
-
-    def _arm(self, delay: float | None = None) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # no loop (tests of pure steps): sampled only at the end
-        self._timer = loop.call_later(delay or self.interval, self._tick)
-
-    def _tick(self) -> None:
-        self._timer = None
-        took = self.sample_all()
-        if self._watched:
-            # at most MAX_SHARE of the event loop: with very many running attempts the passes
-            # space out (and the order they keep coarsens) instead of starving the server
-            self._arm(max(self.interval, took / MAX_SHARE))

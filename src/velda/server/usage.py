@@ -17,7 +17,6 @@ watched is summarised from what its files hold when it is first asked for.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -29,7 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from velda.engines.status_file import read_int, read_times
+from velda.models import Task
 from velda.server import gpu_usage
+from velda.server.paced import PacedPasses
+from velda.store.base import Store
 
 INTERVAL_S = 1.0
 MAX_SHARE = 0.02  # of the event loop's time that sampling may take
@@ -132,9 +134,9 @@ class UsageSampler:
     def __init__(self, now: Callable[[], float] = time.time,
                  interval: float = INTERVAL_S) -> None:
         self.now = now
-        self.interval = interval
         self._watched: dict[Path, _Watched] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        self._passes = PacedPasses(interval, MAX_SHARE, self.sample_all,
+                                   lambda: bool(self._watched))
 
     def watch(self, attempt_dir: Path, leader: int, gpu_ids: tuple[int, ...] = ()) -> None:
         if attempt_dir in self._watched:
@@ -143,8 +145,7 @@ class UsageSampler:
         self._watched[attempt_dir] = watched
         with contextlib.suppress(OSError):
             watched.sample(self.now())  # a first sample at once: short tasks have one too
-        if self._timer is None:
-            self._arm()
+        self._passes.start()
 
     def unwatch(self, attempt_dir: Path) -> None:
         """The attempt ended: its totals are written to its summary file."""
@@ -169,23 +170,8 @@ class UsageSampler:
 
     def close(self) -> None:
         """Stop: the attempts run on, and the next server continues their files."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._passes.stop()
         self._watched.clear()
-
-    def _arm(self, delay: float | None = None) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # no loop (tests of pure steps)
-        self._timer = loop.call_later(delay or self.interval, self._tick)
-
-    def _tick(self) -> None:
-        self._timer = None
-        took = self.sample_all()
-        if self._watched:
-            self._arm(max(self.interval, took / MAX_SHARE))
 
 
 def usage_of(attempt_dir: Path, sampler: UsageSampler,
@@ -331,6 +317,47 @@ def _read(path: Path) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+class SubtreeUsage:
+    """What every attempt of every task below a parent used, summed. A parent's page asks for
+    it every second and the sum reads a file per attempt below: a sum is kept until the
+    parent changes state, and for at most TTL_S while its subtree runs."""
+
+    TTL_S = 2.0
+    KEPT = 1000  # parents
+
+    def __init__(self, store: Store,
+                 measure: Callable[[int, int, float | None], dict[str, Any] | None]) -> None:
+        self.store = store
+        self.measure = measure  # (task ID, attempt, when it ended) -> its usage
+        self._kept: dict[tuple[int, str, float | None], tuple[float, dict[str, Any] | None]] = {}
+
+    def of(self, task: Task) -> dict[str, Any] | None:
+        """None for a task without children."""
+        key = (task.id, task.status.value, task.resolved_at)
+        now = time.monotonic()
+        kept = self._kept.get(key)
+        if kept is not None and (task.status.is_final() or now - kept[0] < self.TTL_S):
+            return kept[1]
+        if len(self._kept) >= self.KEPT:
+            self._kept.clear()
+        totals = self._sum(task)
+        self._kept[key] = (now, totals)
+        return totals
+
+    def _sum(self, task: Task) -> dict[str, Any] | None:
+        ids = [i for i in self.store.subtree_ids(task.id) if i != task.id]
+        if not ids:
+            return None
+        measured = []
+        for sub in self.store.get_many(ids):
+            for attempt in range(1, sub.attempt + 1):
+                ended = sub.finished_at if attempt == sub.attempt else sub.started_at
+                found = self.measure(sub.id, attempt, ended)
+                if found is not None:
+                    measured.append(found)
+        return subtree_totals(measured)
 
 
 def subtree_totals(usages: list[dict[str, Any]]) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from velda.models import Children, Dependency, Task, TaskStatus
-from velda.server.usage import subtree_totals
 from velda.store.base import Store
 
 _SECRET = re.compile(
@@ -27,6 +26,8 @@ explain_waiting: Callable[[Task, list[Dependency]], dict[str, Any] | None] | Non
 # What one attempt (task ID, attempt, when it ended) used (server/usage.py), or None where
 # nothing was measured: installed by the HTTP app too.
 attempt_usage: Callable[[int, int, float | None], dict[str, Any] | None] | None = None
+# What every attempt below a parent used, summed (usage.SubtreeUsage); installed likewise.
+subtree_usage: Callable[[Task], dict[str, Any] | None] | None = None
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -85,23 +86,6 @@ def _attempt_usage(task: Task, attempt: dict[str, Any]) -> dict[str, Any] | None
     return attempt_usage(task.id, attempt["attempt"], attempt["finished_at"])
 
 
-def subtree_usage(task: Task, store: Store) -> dict[str, Any] | None:
-    """What every attempt of every task below `task` used, summed; None without children."""
-    if attempt_usage is None:
-        return None
-    ids = [i for i in store.subtree_ids(task.id) if i != task.id]
-    if not ids:
-        return None
-    measured = []
-    for sub in store.get_many(ids):
-        for attempt in range(1, sub.attempt + 1):
-            ended = sub.finished_at if attempt == sub.attempt else sub.started_at
-            found = attempt_usage(sub.id, attempt, ended)
-            if found is not None:
-                measured.append(found)
-    return subtree_totals(measured)
-
-
 def _waiting_for(task: Task, deps: list[Dependency]) -> dict[str, Any] | None:
     if task.status not in _WAITS or explain_waiting is None:
         return None
@@ -125,7 +109,7 @@ def task_detail(task: Task, store: Store, show_env: bool = False) -> dict[str, A
         for a in _with_causes(store.attempts(task.id), task.retries)
     ]
     data["ancestors"] = _ancestors(task, store)
-    data["subtree_usage"] = subtree_usage(task, store)
+    data["subtree_usage"] = None if subtree_usage is None else subtree_usage(task)
     env = store.env_of(task.id)
     data["env"] = env if show_env else {k: masked(k, v) for k, v in env.items()}
     return data
