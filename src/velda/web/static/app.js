@@ -680,6 +680,212 @@
     return old.slice(0, cut) + collapseLines(old.slice(cut) + text);
   }
 
+  // ---- usage -------------------------------------------------------------------------------
+
+  // What the task's latest attempt uses: a totals line from the task's own JSON (polled with
+  // the page), and charts of its samples from /tasks/ID/usage, read every USAGE_POLL_MS while
+  // the attempt runs and once more when it ended (once only for a task that had ended).
+  const USAGE_POLL_MS = 2000;
+  const CHART_POINTS = 600; // a long run's samples are thinned to about this many per line
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const CHART = { w: 320, h: 104, left: 46, right: 6, top: 8, bottom: 86 };
+
+  function svg(tag, attrs, ...kids) {
+    const el = document.createElementNS(SVG_NS, tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v !== null && v !== undefined) el.setAttribute(k, String(v));
+    }
+    el.append(...kids.filter((k) => k !== null && k !== undefined));
+    return el;
+  }
+
+  // Bytes as people read them, as the CLI writes them: 512 B, 210.0 MB, 1.5 GB.
+  function fmtBytes(n) {
+    if (n === null || n === undefined) return "—";
+    let value = n;
+    for (const unit of ["B", "KB", "MB", "GB"]) {
+      if (value < 1024 || unit === "GB") return unit === "B" ? `${Math.round(value)} B` : `${value.toFixed(1)} ${unit}`;
+      value /= 1024;
+    }
+    return "";
+  }
+
+  const fmtSeconds = (s) => `${Number(s || 0).toFixed(2)} s`;
+  const fmtPercent = (p) => `${Math.round(p)}%`;
+  const isNum = (v) => typeof v === "number" && Number.isFinite(v);
+
+  // A round top for a memory axis, in the unit it is read in: 110.3 MB -> [120, "120 MB"].
+  function bytesAxis(peak) {
+    const units = ["B", "KB", "MB", "GB"];
+    let value = Math.max(peak, 1);
+    let i = 0;
+    while (value >= 1000 && i < units.length - 1) {
+      value /= 1024;
+      i += 1;
+    }
+    const top = niceCeil(value);
+    return [top * 1024 ** i, `${top} ${units[i]}`];
+  }
+
+  function niceCeil(value) {
+    const exp = 10 ** Math.floor(Math.log10(value));
+    const step = [1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10].find((m) => m * exp >= value - 1e-9) || 10;
+    return Number((step * exp).toPrecision(3));
+  }
+
+  function thin(points) {
+    if (points.length <= CHART_POINTS) return points;
+    const stride = Math.ceil(points.length / CHART_POINTS);
+    const kept = points.filter((_, i) => i % stride === 0);
+    if (kept[kept.length - 1] !== points[points.length - 1]) kept.push(points[points.length - 1]);
+    return kept;
+  }
+
+  // One small chart: [t, value] points from t0 to t1, 0 to max, the max and the span labelled.
+  function usageChart({ metric, label, points, t0, t1, max, maxLabel, now, extra }) {
+    const c = CHART;
+    const span = t1 - t0 || 1;
+    const x = (t) => (c.left + ((t - t0) / span) * (c.w - c.left - c.right)).toFixed(1);
+    const y = (v) => (c.bottom - (Math.max(0, Math.min(v, max)) / max) * (c.bottom - c.top)).toFixed(1);
+    const line = thin(points).map(([t, v]) => `${x(t)},${y(v)}`);
+    const area = line.length > 1 ? [...line, `${x(points[points.length - 1][0])},${c.bottom}`, `${x(points[0][0])},${c.bottom}`] : null;
+    const chart = svg(
+      "svg",
+      { class: "usage-chart", "data-metric": metric, ...extra, "data-points": points.length, viewBox: `0 0 ${c.w} ${c.h}`, role: "img", "aria-label": `${label} over time` },
+      svg("title", {}, `${label} over time (${points.length} samples, axis up to ${maxLabel})`),
+      svg("line", { class: "guide", x1: c.left, y1: c.top, x2: c.w - c.right, y2: c.top }),
+      svg("line", { class: "axis", x1: c.left, y1: c.bottom, x2: c.w - c.right, y2: c.bottom }),
+      svg("text", { class: "axis-max", x: c.left - 5, y: c.top + 4, "text-anchor": "end" }, maxLabel),
+      svg("text", { class: "axis-min", x: c.left - 5, y: c.bottom + 3, "text-anchor": "end" }, "0"),
+      svg("text", { class: "axis-time", x: c.w - c.right, y: c.h - 3, "text-anchor": "end" }, t1 > t0 ? fmtDuration((t1 - t0) * 1000) : ""),
+      area ? svg("polygon", { class: "area", points: area.join(" ") }) : null,
+      svg("polyline", { class: "line", points: line.join(" ") }),
+    );
+    return h("figure", { class: "usage-fig", "data-metric": metric }, h("figcaption", {}, label, h("span", { class: "now" }, now)), chart);
+  }
+
+  function usageCharts(samples) {
+    if (!samples.length) return [];
+    const t0 = samples[0].t;
+    const t1 = samples[samples.length - 1].t;
+    const cpu = [];
+    const memory = [];
+    const gpus = new Map(); // index -> [t, utilisation %]
+    for (const s of samples) {
+      if (isNum(s.cpu_percent)) cpu.push([s.t, s.cpu_percent]);
+      if (isNum(s.memory_bytes)) memory.push([s.t, s.memory_bytes]);
+      for (const g of s.gpus || []) {
+        if (!gpus.has(g.index)) gpus.set(g.index, []);
+        if (isNum(g.utilization_percent)) gpus.get(g.index).push([s.t, g.utilization_percent]);
+      }
+    }
+    const last = (points, fmt) => (points.length ? fmt(points[points.length - 1][1]) : "");
+    const top = (points) => points.reduce((m, [, v]) => Math.max(m, v), 0);
+    const cpuMax = Math.max(100, Math.ceil(top(cpu) / 100) * 100);
+    const [memMax, memLabel] = bytesAxis(top(memory));
+    const charts = [
+      usageChart({ metric: "cpu", label: "CPU %", points: cpu, t0, t1, max: cpuMax, maxLabel: fmtPercent(cpuMax), now: last(cpu, fmtPercent) }),
+      usageChart({ metric: "memory", label: "Memory", points: memory, t0, t1, max: memMax, maxLabel: memLabel, now: last(memory, fmtBytes) }),
+    ];
+    for (const [index, points] of [...gpus].sort(([a], [b]) => a - b)) {
+      const extra = { "data-gpu": index };
+      charts.push(usageChart({ metric: "gpu", label: `GPU ${index} utilisation`, points, t0, t1, max: 100, maxLabel: "100%", now: last(points, fmtPercent), extra }));
+    }
+    return charts;
+  }
+
+  function usageTotals(u) {
+    const parts = [
+      h("span", { class: "u-cpu" }, `CPU ${fmtSeconds(u.cpu_s)} (user ${fmtSeconds(u.cpu_user_s)}, system ${fmtSeconds(u.cpu_system_s)})`),
+      isNum(u.cpu_percent) ? h("span", { class: "u-cpu-percent" }, `${fmtPercent(u.cpu_percent)} of a CPU ${u.final ? "over its run" : "now"}`) : null,
+      h("span", { class: "u-memory" }, !u.final && isNum(u.memory_bytes) ? `memory ${fmtBytes(u.memory_bytes)} now, peak ${fmtBytes(u.peak_memory_bytes)}` : `memory peak ${fmtBytes(u.peak_memory_bytes)}`),
+      !u.final && isNum(u.processes) ? h("span", { class: "u-procs" }, `${u.processes} process${u.processes === 1 ? "" : "es"}`) : null,
+      ...(u.gpus || []).map((g) =>
+        h(
+          "span",
+          { class: "u-gpu", "data-gpu": g.index },
+          `GPU ${g.index}: ${isNum(g.utilization_percent) ? fmtPercent(g.utilization_percent) : "—"}, ` +
+            `${fmtBytes(g.memory_bytes)}${isNum(g.memory_total_bytes) ? " of " + fmtBytes(g.memory_total_bytes) : ""}` +
+            (isNum(g.peak_memory_bytes) ? ` (peak ${fmtBytes(g.peak_memory_bytes)})` : ""),
+        ),
+      ),
+    ].filter(Boolean);
+    return parts.flatMap((p, i) => (i ? [h("span", { class: "sep" }, " · "), p] : [p]));
+  }
+
+  function subtreeText(s) {
+    const n = s.attempts || 0;
+    const peak = isNum(s.peak_memory_bytes) ? `, largest memory peak ${fmtBytes(s.peak_memory_bytes)}` : "";
+    return `Subtree: CPU ${fmtSeconds(s.cpu_s)} in ${n} attempt${n === 1 ? "" : "s"}${peak}`;
+  }
+
+  class UsageView {
+    constructor(taskId) {
+      this.taskId = taskId;
+      this.card = $("#usage");
+      this.totals = $("#usage-totals");
+      this.subtree = $("#usage-subtree");
+      this.charts = $("#usage-charts");
+      this.key = "";
+      this.chartKey = "";
+      this.attempt = null; // the attempt the charts show: the task's latest
+      this.live = false;
+      this.poller = null;
+    }
+
+    setTask(task) {
+      const usage = task.usage || null;
+      const sub = task.subtree_usage || null;
+      const key = JSON.stringify([usage, sub, task.started_at, task.attempt]);
+      if (key === this.key) return this.follow(task, usage);
+      this.key = key;
+      this.card.hidden = !usage && !sub && !task.started_at;
+      this.totals.hidden = !usage && !task.started_at;
+      this.totals.classList.toggle("muted", !usage);
+      if (usage) replaceKids(this.totals, usageTotals(usage));
+      else setText(this.totals, task.command && task.command.length ? "No usage recorded." : "No command of its own.");
+      this.subtree.hidden = !sub;
+      setText(this.subtree, sub ? subtreeText(sub) : "");
+      this.follow(task, usage);
+    }
+
+    // Starts (or restarts, for a new attempt) the reads of the charts' samples.
+    follow(task, usage) {
+      this.live = Boolean(usage) && task.status === "RUNNING" && !usage.final;
+      if (!usage) {
+        if (this.attempt !== null) this.clearCharts(null);
+        return;
+      }
+      if (this.attempt !== task.attempt) {
+        this.clearCharts(task.attempt);
+        if (this.poller) this.poller.restart();
+      }
+      if (!this.poller) this.poller = new Poller(() => this.load(), USAGE_POLL_MS);
+      else if (this.live && this.poller.done) this.poller.restart();
+    }
+
+    clearCharts(attempt) {
+      this.attempt = attempt;
+      this.chartKey = "";
+      this.charts.replaceChildren();
+    }
+
+    async load() {
+      const last = !this.live; // the attempt had ended before this read: it has every sample
+      const attempt = this.attempt;
+      if (attempt === null) return false;
+      const data = await getJSON(`${taskPath(this.taskId)}/usage?attempt=${encodeURIComponent(attempt)}`);
+      if (attempt !== this.attempt) return true; // a retry started meanwhile: read that one
+      const samples = data.samples || [];
+      const key = `${samples.length}:${samples.length ? samples[samples.length - 1].t : ""}`;
+      if (key !== this.chartKey) {
+        this.chartKey = key;
+        replaceKids(this.charts, usageCharts(samples));
+      }
+      return !last;
+    }
+  }
+
   // ---- task page ---------------------------------------------------------------------------
 
   class TaskPage {
@@ -689,6 +895,7 @@
       this.children = null;
       this.key = "";
       this.logs = new LogView(this.id);
+      this.usage = new UsageView(this.id);
       $("#cancel").addEventListener("click", () => this.act("cancel"));
       $("#retry").addEventListener("click", () => this.act("retry"));
       this.poller = new Poller(() => this.load(), LIST_POLL_MS);
@@ -707,6 +914,7 @@
       this.task = task;
       this.logs.setTask(task);
       this.render(task);
+      this.usage.setTask(task);
       const final = FINAL.has(task.status);
       if (this.children) {
         this.children.stopped = final;
