@@ -98,6 +98,10 @@ class RaisingEngine:
     name, places_work, writes_log_index = "local", False, True
     samples_here = False
 
+    def host_of(self, handle: Handle) -> str:
+        return "127.0.0.1"
+    gives_terminals = False
+
     def check_task(self, pool: Pool, cwd: str, shards: int | None, gang: bool) -> None:
         return None
 

@@ -21,6 +21,10 @@ from pathlib import Path
 import pytest
 
 from pipelines import copy_examples, make_data, parse_time
+from pty_session import (
+    typed_input_reaches_a_shell_and_its_exit_code_comes_back,
+    vrun_has_a_terminal,
+)
 from ray_cluster import RayCluster
 from velda_cli import Velda, cancel_open_tasks, free_port, wait_gone
 
@@ -355,3 +359,8 @@ def test_a_ray_task_survives_a_killed_server(velda: Velda) -> None:
     task = velda.wait(task_id, timeout=30)  # the next command starts a server, which adopts
     assert (task["status"], task["attempt"]) == ("SUCCESS", 1)
     assert velda.log(task_id).stdout == "one\ntwo\n"
+
+
+def test_vrun_at_a_terminal_on_a_ray_node(velda: Velda) -> None:
+    vrun_has_a_terminal(velda, "-P", "cpu-1")
+    typed_input_reaches_a_shell_and_its_exit_code_comes_back(velda, "-P", "cpu-1")

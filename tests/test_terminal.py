@@ -1,62 +1,20 @@
-"""What a user at a terminal sees: the Ctrl-C question of vbatch -f, watch's progress bar."""
+"""What a user at a terminal sees: the Ctrl-C question of vbatch -f, watch's progress bar, and
+`vrun` giving its task a terminal of its own (keys, Ctrl-C, window size, the exit code, the
+session kept as its log), on local pools here and on Ray pools in test_ray_pools.py."""
 
 from __future__ import annotations
 
-import os
-import pty
-import select
 import time
 from pathlib import Path
 
-from velda_cli import Velda, default_signals
-
-
-class Terminal:
-    """A command on a real pseudo-terminal, as if typed in a shell."""
-
-    def __init__(self, velda: Velda, *argv: str) -> None:
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:
-            default_signals()  # however the suite was started
-            os.chdir(velda.cwd)
-            os.execvpe(argv[0], list(argv), velda.env)
-        self.screen = b""
-
-    def expect(self, text: bytes, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.screen:
-            assert time.monotonic() < deadline, f"never saw {text!r} in {self.screen!r}"
-            ready, _, _ = select.select([self.fd], [], [], 0.1)
-            if ready:
-                try:
-                    self.screen += os.read(self.fd, 4096)
-                except OSError:
-                    break
-
-    def _drain(self) -> None:
-        while select.select([self.fd], [], [], 0)[0]:
-            try:
-                data = os.read(self.fd, 4096)
-            except OSError:
-                return
-            if not data:
-                return
-            self.screen += data
-
-    def type(self, keys: bytes) -> None:
-        os.write(self.fd, keys)
-
-    def wait(self, timeout: float = 30) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self._drain()  # what it wrote just before it ended
-                os.close(self.fd)
-                return os.waitstatus_to_exitcode(status)
-            self._drain()
-            time.sleep(0.05)
-        raise AssertionError("the command did not end")
+from pty_session import (
+    ASK_TERMINAL,
+    ON_RESIZE,
+    Terminal,
+    typed_input_reaches_a_shell_and_its_exit_code_comes_back,
+    vrun_has_a_terminal,
+)
+from velda_cli import Velda
 
 
 def test_ctrl_c_of_vbatch_follow_asks_and_cancels(velda: Velda, tmp_path: Path) -> None:
@@ -90,3 +48,63 @@ def test_watch_draws_a_progress_bar_on_a_terminal(velda: Velda) -> None:
     assert term.wait() == 0
     assert b"\r\x1b[K[" in term.screen
     assert b"[##############################] 4/4 done" in term.screen
+
+
+# --- vrun at a terminal: the task gets one of its own
+
+def test_vrun_at_a_terminal_gives_the_task_one(velda: Velda) -> None:
+    vrun_has_a_terminal(velda)
+
+
+def test_vrun_with_no_command_opens_the_users_shell(velda: Velda) -> None:
+    typed_input_reaches_a_shell_and_its_exit_code_comes_back(velda)
+
+
+def test_a_window_resize_reaches_the_task(velda: Velda) -> None:
+    term = Terminal(velda, "vrun", "python3", "-c", ON_RESIZE)
+    term.expect(b"ready (100, 30)")
+    term.resize(40, 120)
+    term.expect(b"resized (120, 40)")
+    term.type(b"\x03")  # Ctrl-C is the task's terminal's own: SIGINT to the task
+    assert term.wait() == 130
+
+
+def test_ctrl_z_and_fg_are_the_tasks_shells_own(velda: Velda) -> None:
+    term = Terminal(velda, "vrun", "bash", "--norc", "-i", env={"PS1": "$ "})
+    term.expect(b"$ ")
+    term.type(b"sleep 31\r")
+    term.expect(b"sleep 31")
+    time.sleep(0.5)  # a user's pause: keys typed ahead of a Ctrl-C are the terminal's to drop
+    term.type(b"\x1a")  # Ctrl-Z: the shell in the task stops its job
+    term.expect(b"Stopped")
+    term.type(b"fg\r")
+    term.expect(b"sleep 31", times=3)  # typed, stopped, and resumed in the foreground
+    time.sleep(0.5)
+    term.type(b"\x03")  # and Ctrl-C ends it, not the shell
+    term.expect(b"$ ", times=3)
+    term.type(b"echo status $?\r")
+    term.expect(b"status 130")
+    term.type(b"exit 0\r")
+    assert term.wait() == 0
+
+
+def test_without_a_terminal_nothing_changes(velda: Velda) -> None:
+    out = velda.run("vrun", "python3", "-c", ASK_TERMINAL.replace(", os.get_terminal_size()", ""),
+                    check=True)
+    assert out.stdout == "False False\n"
+    term = Terminal(velda, "vrun", "--tty", "no", "python3", "-c",
+                    "import sys; print(sys.stdin.read() == '', sys.stdout.isatty())")
+    term.expect(b"True False")
+    assert term.wait() == 0
+
+
+def test_a_terminal_task_survives_a_killed_server(velda: Velda) -> None:
+    term = Terminal(velda, "vrun", "bash", "--norc", "-i", env={"PS1": "$ "})
+    term.type(b"echo one$((1))\r")
+    term.expect(b"one1")
+    velda.kill_server()
+    velda.run("velda", "task", "list", check=True)  # a new server, which adopts the task
+    term.type(b"echo two$((2))\r")
+    term.expect(b"two2", timeout=60)
+    term.type(b"exit 4\r")
+    assert term.wait(timeout=60) == 4

@@ -30,6 +30,10 @@ class QueueingEngine:
     name, places_work, writes_log_index = "queueing", True, True
     samples_here = False
 
+    def host_of(self, handle: Handle) -> str:
+        return "127.0.0.1"
+    gives_terminals = False
+
     def __init__(self, pool: Pool, events: EngineEvents) -> None:
         self.events = events
         self.cancelled: list[str] = []

@@ -179,6 +179,9 @@ class Task:
     # why velda itself stopped the current attempt (Reason.TIMEOUT), if it did; a cancel is
     # `cancel_requested`, which also covers the tasks that never started
     stop_cause: Reason | None = None
+    # (rows, columns) of the terminal the task runs under (`vrun` at a terminal), or None:
+    # no terminal, stdin empty, stdout and stderr apart
+    terminal: tuple[int, int] | None = None
 
     @property
     def has_command(self) -> bool:

@@ -121,6 +121,7 @@ class SubmitRequest:
     retries: int = 0
     timeout_s: float | None = None
     blocking: bool = False
+    terminal: tuple[int, int] | None = None  # {"rows": R, "cols": C}: run under a terminal
 
     @classmethod
     def from_json(cls, body: object) -> SubmitRequest:
@@ -146,6 +147,7 @@ class SubmitRequest:
             retries=_int(body.get("retries", 0), "retries", 0, 1000),
             timeout_s=parse_duration(body.get("timeout", body.get("timeout_s"))),
             blocking=_bool(body.get("blocking", False), "blocking"),
+            terminal=parse_terminal(body.get("terminal")),
         )
         req.check()
         return req
@@ -155,8 +157,24 @@ class SubmitRequest:
             raise BadRequest("command: give a command to run", "command")
         if self.gang and self.total_shards is None:
             raise BadRequest("gang: only with total_shards (-N)", "gang")
+        if self.terminal and self.total_shards is not None:
+            raise BadRequest("terminal: a terminal is for one task, not for -N shards",
+                             "terminal")
         if not self.cwd.startswith("/"):
             raise BadRequest(f"cwd: {self.cwd!r} is not an absolute path", "cwd")
+
+
+MAX_TERMINAL_SIDE = 10_000
+
+
+def parse_terminal(value: object, name: str = "terminal") -> tuple[int, int] | None:
+    """A terminal's size, {"rows": R, "cols": C} in JSON, as (rows, cols); None for none."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"rows", "cols"}:
+        raise BadRequest(f'{name}: must be {{"rows": R, "cols": C}} or null', name)
+    return (_int(value["rows"], f"{name}.rows", 1, MAX_TERMINAL_SIDE),
+            _int(value["cols"], f"{name}.cols", 1, MAX_TERMINAL_SIDE))
 
 
 def _str_list(value: object, name: str) -> list[str]:

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 EPILOG_VRUN = """examples:
   vrun python train.py --epochs 3          run here-and-now as a tracked task
   vrun -P gpu-1 --name infer ./infer.py    in the gpu-1 pool, named 'infer'
+  vrun -P gpu-1                            your shell on the gpu-1 pool (at a terminal)
+  vrun --tty no make test                  at a terminal, but stdout and stderr apart
   ls data/*.csv | xargs -I{} vrun -P cpu-1 python clean.py {}
 """
 EPILOG_VBATCH = """examples:

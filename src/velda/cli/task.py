@@ -27,6 +27,14 @@ EXAMPLES = {
     "retry": "velda task retry pipeline       # re-run only what failed",
     "top": "velda task top                  # running tasks by CPU and memory, live\n"
            "  velda task top --once -n 5       # the 5 busiest, once",
+    "port-forward": "velda task port-forward notebook 8888    # its port 8888 at "
+                    "http://127.0.0.1:8888\n"
+                    "  velda task port-forward 42 8888:9000     # ... at http://127.0.0.1:9000\n"
+                    "  velda task port-forward 42 6006:0        # ... at a free port, printed\n"
+                    "  vrun -p 8888 jupyter lab --ip 0.0.0.0    # forward while vrun runs\n\n"
+                    "It forwards until the task stops running, or Ctrl-C. A task on a Ray node "
+                    "must listen\non the node's address (0.0.0.0), not only on 127.0.0.1: the "
+                    "server connects from outside.",
 }
 
 
@@ -38,6 +46,7 @@ TASK_EPILOG = """examples:
   velda task cancel pipeline          cancel it and everything under it
   velda task retry pipeline           re-run only what failed
   velda task top                      running tasks by CPU and memory, like top
+  velda task port-forward nb 8888     its port 8888 at http://127.0.0.1:8888 here
 
 CHILDREN(OK/FAILED/ALL) in tables counts a task's own children (not theirs): OK succeeded,
 FAILED failed or could not run because what they waited for failed, ALL is every child, so
@@ -75,6 +84,12 @@ def add_parsers(sub: Any) -> None:
                      help="show the N busiest (default 30)")
     top.add_argument("-d", "--delay", type=float, default=2.0, metavar="S",
                      help="seconds between refreshes (default 2)")
+    forward = _verb(verbs, "port-forward",
+                    "reach a port the task listens on at http://127.0.0.1:LOCAL here")
+    forward.add_argument("ref", metavar="REF")
+    forward.add_argument("ports", metavar="PORT[:LOCAL]",
+                         help="the task's port, and the local one (default: the same; 0: any "
+                              "free one)")
 
 
 def _verb(verbs: Any, name: str, summary: str) -> argparse.ArgumentParser:
@@ -127,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     client = connect()
     handler = {
         "log": _log, "get": _get, "list": _list, "search": _search, "watch": _watch,
-        "cancel": _cancel, "retry": _retry, "top": _top,
+        "cancel": _cancel, "retry": _retry, "top": _top, "port-forward": _port_forward,
     }[args.verb]
     return handler(client, args)
 
@@ -163,6 +178,12 @@ def _top(client: Client, args: argparse.Namespace) -> int:
         print("velda task top: -n must be at least 1 and -d more than 0", file=sys.stderr)
         return 2
     return top(client, args.delay, args.once, args.max_rows)
+
+
+def _port_forward(client: Client, args: argparse.Namespace) -> int:
+    from velda.cli.port_forward import run
+
+    return run(client, args.ref, args.ports)
 
 
 def _list(client: Client, args: argparse.Namespace) -> int:

@@ -44,6 +44,9 @@ class Launch:
     parent_id: str | None = None
     shard_id: int | None = None  # shards of one parent share argv, cwd and pool
     server_home: Path | None = None  # the server's VELDA_HOME, for engines on its machine
+    # (rows, columns): run the attempt under a pseudo-terminal of that size on its node, as
+    # stdin, stdout and stderr, its output kept in stdout_path; None: stdin empty, no terminal
+    terminal: tuple[int, int] | None = None
 
 
 StartResult = Handle | Exception  # what start_many gives for each launch, in order
@@ -80,6 +83,8 @@ class Engine(Protocol):
     # True when an attempt is a session of processes on the server's machine led by the
     # handle's "pid": the server samples what it uses from /proc (server/usage.py)
     samples_here: bool
+    # True when the engine can run an attempt under a terminal (Launch.terminal, terminal())
+    gives_terminals: bool
 
     async def check(self, pool: Pool) -> None:
         """Raise EngineError with a one-line reason if the pool cannot take work now."""
@@ -108,6 +113,14 @@ class Engine(Protocol):
 
     async def signal(self, handle: Handle, signum: int) -> None:
         """Send a signal to the attempt's process group (Ctrl-C of vrun)."""
+
+    def host_of(self, handle: Handle) -> str:
+        """The address where the running attempt's ports can be reached from the server
+        (forwarded ports, server/ports.py); EngineError with a one-line reason if none."""
+
+    async def terminal(self, handle: Handle, data: bytes, size: tuple[int, int] | None) -> None:
+        """Type `data` into the terminal of an attempt started with one, in order with what
+        came before, then resize it to size (rows, columns) if given."""
 
     async def cancel(self, handle: Handle, grace_s: float) -> None:
         """Stop the attempt: SIGTERM, then SIGKILL after grace_s. exited() still follows."""

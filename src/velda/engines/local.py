@@ -14,7 +14,9 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from velda.engines.base import (
     EngineError,
@@ -25,9 +27,11 @@ from velda.engines.base import (
     StartResult,
     start_each,
 )
+from velda.engines.keepers import Keepers
 from velda.engines.pids import start_time
 from velda.engines.run_as import task_user
 from velda.engines.status_file import WRAPPER, exit_from_status, read_int, unusable_env
+from velda.engines.terminal_host import SOCKET, send, set_size
 from velda.logindex import INDEX
 from velda.models import Exit, Pool, Reason, Resources
 
@@ -73,6 +77,7 @@ class LocalEngine:
     places_work = False
     writes_log_index = False  # the server indexes the files as they grow
     samples_here = True
+    gives_terminals = True
 
     def __init__(self, events: EngineEvents, cpus: float | None, gpus: int | None) -> None:
         self.events = events
@@ -80,6 +85,7 @@ class LocalEngine:
         self._capacity = _machine(cpus, gpus)
         # pidfd -> (task, attempt, pid if it is our child else -1, attempt dir)
         self._watched: dict[int, tuple[str, int, int, Path]] = {}
+        self._keepers = Keepers()
 
     def capacity(self) -> Resources:
         return self._capacity
@@ -108,30 +114,49 @@ class LocalEngine:
     async def start(self, launch: Launch) -> Handle:
         if not os.path.isdir(launch.cwd):  # removed since the submit
             raise EngineError(f"working directory {launch.cwd} does not exist")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
         argv = [_SH, "-c", WRAPPER, "velda-task", str(launch.attempt_dir), launch.cwd]
         argv, env = self._as_pool_user(launch, argv + launch.argv, _local_env(launch))
-        try:
-            pid = os.posix_spawn(
-                argv[0],
-                argv,
-                env,
-                file_actions=[  # opened by the server, before any switch of user
-                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 1, str(launch.stdout_path), flags, 0o600),
-                    (os.POSIX_SPAWN_OPEN, 2, "/dev/null", os.O_WRONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 3, str(launch.stderr_path), flags, 0o600),
-                ],
-                setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=(),
-            )
-        except OSError as e:
-            raise EngineError(f"cannot start {argv[0]}: {e.strerror}") from e
-        except ValueError as e:  # a NUL byte, '=' in a name, a lone surrogate
-            raise EngineError(unusable_env(env, e)) from e
-        handle: Handle = {"pid": pid, "start": start_time(pid), "dir": str(launch.attempt_dir)}
+        if launch.terminal is None:
+            pid = _spawn(argv, env, _to_log_files(launch))
+            handle: Handle = {"pid": pid, "start": start_time(pid), "dir": str(launch.attempt_dir)}
+        else:
+            pid, keeper = self._spawn_with_terminal(launch, argv, env)
+            handle = {"pid": pid, "start": start_time(pid), "dir": str(launch.attempt_dir),
+                      "keeper": keeper, "keeper_start": start_time(keeper)}
         self._watch(launch, pid, own_child=True)
         self.events.running(launch.task_id, launch.attempt, handle)
         return handle
+
+    def _spawn_with_terminal(
+        self, launch: Launch, argv: list[str], env: dict[str, str]
+    ) -> tuple[int, int]:
+        """The wrapper on a new pseudo-terminal (its controlling terminal: it leads a new
+        session and opens it first), and the keeper of the terminal's master side."""
+        assert launch.terminal is not None
+        master, slave = os.openpty()
+        try:
+            set_size(master, *launch.terminal)
+            on_terminal = [
+                (os.POSIX_SPAWN_OPEN, 0, os.ttyname(slave), os.O_RDWR, 0),
+                (os.POSIX_SPAWN_DUP2, 0, 1),
+                (os.POSIX_SPAWN_OPEN, 2, "/dev/null", os.O_WRONLY, 0),
+                (os.POSIX_SPAWN_DUP2, 0, 3),
+            ]
+            pid = _spawn(argv, env, on_terminal)
+            try:
+                keeper = self._keepers.start(master, launch, pid)
+            except EngineError:  # no one would hold its terminal: it must not run
+                os.killpg(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise
+        finally:
+            os.close(master)
+            os.close(slave)
+        return pid, keeper
+
+    async def terminal(self, handle: Handle, data: bytes, size: tuple[int, int] | None) -> None:
+        if not await send(Path(str(handle.get("dir"))) / SOCKET, data, size):
+            raise EngineError("its terminal is closed: the task has ended")
 
     @staticmethod
     def _as_pool_user(
@@ -160,6 +185,8 @@ class LocalEngine:
         if pid is None and not (launch.attempt_dir / "status").exists():
             raise NotStartedError(task_id)
         if alive and pid is not None and self._watch(launch, pid, own_child=False):
+            self._keepers.adopt(launch.attempt_dir, handle.get("keeper"),
+                                handle.get("keeper_start"))
             if "pid" not in handle:
                 self.events.running(task_id, attempt, {"pid": pid, "start": start_time(pid)})
             return
@@ -167,6 +194,9 @@ class LocalEngine:
 
     async def signal(self, handle: Handle, signum: int) -> None:
         _killpg(handle, signum)
+
+    def host_of(self, handle: Handle) -> str:
+        return "127.0.0.1"  # the attempt runs on the server's machine
 
     async def cancel(self, handle: Handle, grace_s: float) -> None:
         _killpg(handle, signal.SIGCONT)
@@ -203,7 +233,9 @@ class LocalEngine:
         wait_status = None
         if pid > 0:
             _, wait_status = os.waitpid(pid, 0)
-        self.events.exited(task_id, attempt, self._read_exit(attempt_dir, wait_status))
+        exit = self._read_exit(attempt_dir, wait_status)
+        # the end of a terminal's output may still be on its way to the log
+        self._keepers.after_drained(attempt_dir, lambda: self.events.exited(task_id, attempt, exit))
 
     @staticmethod
     def _read_exit(attempt_dir: Path, wait_status: int | None) -> Exit:
@@ -225,6 +257,29 @@ def _local_env(launch: Launch) -> dict[str, str]:
     if launch.server_home is not None:
         env["VELDA_HOME"] = str(launch.server_home)
     return env
+
+
+def _to_log_files(launch: Launch) -> list[tuple[Any, ...]]:
+    """stdin empty; stdout, and stderr on fd 3, opened by the server onto the log files,
+    before any switch of user; the wrapper's own stderr /dev/null."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    return [
+        (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, str(launch.stdout_path), flags, 0o600),
+        (os.POSIX_SPAWN_OPEN, 2, "/dev/null", os.O_WRONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 3, str(launch.stderr_path), flags, 0o600),
+    ]
+
+
+def _spawn(argv: list[str], env: dict[str, str], file_actions: Sequence[tuple[Any, ...]]) -> int:
+    """The wrapper, leading a new session, with every signal at its default."""
+    try:
+        return os.posix_spawn(argv[0], argv, env, file_actions=file_actions, setsid=True,
+                              setsigdef=_DEFAULT_SIGNALS, setsigmask=())
+    except OSError as e:
+        raise EngineError(f"cannot start {argv[0]}: {e.strerror}") from e
+    except ValueError as e:  # a NUL byte, '=' in a name, a lone surrogate
+        raise EngineError(unusable_env(env, e)) from e
 
 
 def _killpg(handle: Handle, signum: int) -> None:

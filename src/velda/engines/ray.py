@@ -28,6 +28,7 @@ Ray Client addresses are not supported. Users' side of all this: docs/engines.md
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -100,6 +101,7 @@ class RayEngine:
     places_work = True
     writes_log_index = True  # the bridge writes the chunk index with the logs
     samples_here = False  # on the nodes
+    gives_terminals = True  # ray_node.py runs the attempt on a terminal of its node
 
     def __init__(self, pool: Pool, events: EngineEvents) -> None:
         self.events = events
@@ -136,6 +138,7 @@ class RayEngine:
         await self._send(bridge, {
             "op": "start", "key": key, "argv": launch.argv, "cwd": launch.cwd,
             "env": self._task_env(launch), "upload": upload, "options": ray_options(launch),
+            "terminal": launch.terminal,
             "stdout": str(launch.stdout_path), "stderr": str(launch.stderr_path),
             "state": str(launch.attempt_dir / STATE_FILE),
         })
@@ -146,8 +149,19 @@ class RayEngine:
     async def signal(self, handle: Handle, signum: int) -> None:
         await self._to_attempt(handle, {"op": "signal", "signum": signum})
 
+    def host_of(self, handle: Handle) -> str:
+        """The node's address, from the attempt's start record (ray_node.py)."""
+        node_ip = handle.get("node_ip")
+        if not isinstance(node_ip, str) or not node_ip:
+            raise EngineError("the Ray node of this attempt is not known yet")
+        return node_ip
+
     async def cancel(self, handle: Handle, grace_s: float) -> None:
         await self._to_attempt(handle, {"op": "cancel", "grace_s": grace_s})
+
+    async def terminal(self, handle: Handle, data: bytes, size: tuple[int, int] | None) -> None:
+        message = {"op": "terminal", "data": base64.b64encode(data).decode(), "size": size}
+        await self._to_attempt(handle, message)
 
     async def inventory(self, pool: Pool) -> None:
         return None

@@ -31,7 +31,7 @@ import signal
 import sys
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -61,6 +61,8 @@ class _Run:
     lending: bool = False  # its command waits in a vrun: its CPUs go to the children
     orphaned: bool = False  # cancelled because the server went away before it started
     index_fd: int = -1  # the attempt's chunk index (velda/logindex.py), once open
+    # typed input goes to the node one request after the other, in the order it came
+    typing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def append(self, stream: str, payload: bytes) -> None:
         """Bytes to a log file, and to the index when they landed, so that the combined view
@@ -161,6 +163,8 @@ class Bridge:
             await self._cancel(run, float(command["grace_s"]))
         elif op == "lend":
             await self._lend(run, bool(command["on"]))
+        elif op == "terminal":
+            await self._type(run, command)
 
     async def _watch_head(self) -> str:
         """Returns why the cluster is lost once its head has not answered for a while."""
@@ -276,7 +280,7 @@ class Bridge:
         }
         archive = self.ray.put(pack_directory(command["cwd"])) if command["upload"] else None
         return self.remote.options(**options).remote(
-            command["argv"], command["cwd"], command["env"], archive
+            command["argv"], command["cwd"], command["env"], archive, command.get("terminal")
         )
 
     async def _chunk(self, run: _Run, kind: str, payload: Any) -> None:
@@ -317,6 +321,12 @@ class Bridge:
         message = {"op": "signal", "signum": signum}
         if run.control is None or not await control_request(run.control, message):
             log.warning("cannot signal %s: it is not running", run.key)
+
+    async def _type(self, run: _Run, command: dict[str, Any]) -> None:
+        message = {"op": "terminal", "data": command["data"], "size": command["size"]}
+        async with run.typing:
+            if run.control is None or not await control_request(run.control, message):
+                log.warning("cannot type into %s: it is not running", run.key)
 
     async def _lend(self, run: _Run, on: bool) -> None:
         run.lending = on

@@ -35,44 +35,54 @@ _LEND_WAIT_S = 0.05  # while lending, output is read between waits this long
 
 
 def run_attempt(
-    argv: list[str], cwd: str, env: dict[str, str], archive: bytes | None
+    argv: list[str], cwd: str, env: dict[str, str], archive: bytes | None,
+    terminal: list[int] | None = None,
 ) -> Iterator[tuple[str, Any]]:
-    """Yields ("start", info), then ("stdout"|"stderr", bytes) chunks, then ("exit", status)."""
+    """Yields ("start", info), then ("stdout"|"stderr", bytes) chunks, then ("exit", status).
+    With a terminal [rows, cols], the command runs on a pseudo-terminal of that size: its
+    whole session comes as "stdout", and the control port types into it."""
     import shutil
 
     copy = _unpack(archive) if archive is not None else None
     try:
-        yield from _run_in(argv, copy or cwd, env)
+        yield from _run_in(argv, copy or cwd, env, terminal)
     finally:
         if copy is not None:
             shutil.rmtree(copy, ignore_errors=True)
 
 
-def _run_in(argv: list[str], cwd: str, env: dict[str, str]) -> Iterator[tuple[str, Any]]:
+def _run_in(
+    argv: list[str], cwd: str, env: dict[str, str], terminal: list[int] | None
+) -> Iterator[tuple[str, Any]]:
     ray: Any = importlib.import_module("ray")
     node_ip = ray.util.get_node_ip_address()
     context = ray.get_runtime_context()
     env = _node_env(env, cwd, context.gcs_address, bool(context.get_accelerator_ids().get("GPU")))
     guard = _GroupGuard()  # it starts while the command does
-    proc, error = _spawn(argv, cwd, env, node_ip)
+    master = _Terminal(terminal) if terminal else None
+    proc, error = _spawn(argv, cwd, env, node_ip, master)
     if proc is None:
         guard.close()
+        if master is not None:
+            master.close()
         yield ("stderr", error[0].encode())
         yield ("exit", _status(error[1]))
         return
-    control = _Control(proc.pid, node_ip)
+    control = _Control(proc.pid, node_ip, master)
     guard.watch(proc.pid)
     try:
         node_id = ray.get_runtime_context().get_node_id()
         yield ("start", {"node_ip": node_ip, "node_id": node_id, "pid": proc.pid,
                          "control": [node_ip, control.port], "token": control.token})
-        yield from _pump(proc, _Lender(ray, control))
+        yield from _pump(proc, _Lender(ray, control), master)
         yield ("exit", _status(proc.returncode))
     finally:
         control.close()
         guard.close()
         _killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        if master is not None:
+            master.close()
 
 
 def _unpack(archive: bytes) -> str:
@@ -98,23 +108,94 @@ def _node_env(env: dict[str, str], cwd: str, gcs_address: str, gpus: bool) -> di
 
 
 def _spawn(
-    argv: list[str], cwd: str, env: dict[str, str], node_ip: str
+    argv: list[str], cwd: str, env: dict[str, str], node_ip: str, terminal: _Terminal | None
 ) -> tuple[subprocess.Popen[bytes] | None, tuple[str, int]]:
     """The started process, or None and (message, exit code) like a shell's (126, 127)."""
     if not os.path.isdir(cwd):
         return None, (f"velda: working directory {cwd} does not exist on node {node_ip}\n", 126)
+    if terminal is not None:
+        import shutil
+
+        if argv and shutil.which(argv[0], path=env.get("PATH", os.defpath)) is None:
+            return None, _cannot_run(argv[0], node_ip, _missing(argv[0]))
     # Ray workers block SIGINT; a child inherits the mask, so it would never see a Ctrl-C.
     mask = signal.pthread_sigmask(signal.SIG_SETMASK, set())
     try:
-        proc = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, start_new_session=True,
-        )
+        if terminal is None:
+            proc = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, start_new_session=True,
+            )
+        else:
+            proc = terminal.start(argv, cwd, env)
     except (OSError, ValueError, IndexError) as e:
         return None, _cannot_run(argv[0] if argv else "", node_ip, e)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return proc, ("", 0)
+
+
+def _missing(command: str) -> OSError:
+    if "/" in command and os.path.exists(command):
+        return PermissionError(command)
+    return FileNotFoundError(command)
+
+
+# Makes the command's own session with the terminal on fd 0 as its controlling terminal, then
+# becomes the command: a Popen of a thread-holding Ray worker cannot run code in the child.
+_ON_TERMINAL = ("import fcntl, os, sys, termios; os.setsid(); "
+                "fcntl.ioctl(0, termios.TIOCSCTTY, 0); os.execvp(sys.argv[1], sys.argv[1:])")
+
+
+class _Terminal:
+    """A pseudo-terminal for one attempt: the command gets its slave side as stdin, stdout and
+    stderr; this worker reads the session from the master side and types into it."""
+
+    def __init__(self, size: list[int]) -> None:
+        import struct
+        import termios
+        import threading
+
+        self.master, self.slave = os.openpty()
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", *size[:2], 0, 0))
+        os.set_blocking(self.master, False)
+        self.lock = threading.Lock()
+
+    def start(self, argv: list[str], cwd: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        import sys
+
+        try:
+            return subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _ON_TERMINAL, *argv], cwd=cwd, env=env,
+                stdin=self.slave, stdout=self.slave, stderr=self.slave,
+            )
+        finally:
+            os.close(self.slave)
+            self.slave = -1
+
+    def type(self, data: bytes, size: list[int] | None) -> None:
+        """Typed input (the lock keeps requests in order), then the new size. Input that a
+        command does not read for 2 s is dropped: the control port must stay free."""
+        import struct
+        import termios
+        import time
+
+        with self.lock:
+            view, deadline = memoryview(data), time.monotonic() + 2
+            while view and time.monotonic() < deadline:
+                try:
+                    view = view[os.write(self.master, view):]
+                except BlockingIOError:
+                    time.sleep(0.01)
+            if size:
+                fcntl.ioctl(self.master, termios.TIOCSWINSZ,
+                            struct.pack("HHHH", *size[:2], 0, 0))
+
+    def close(self) -> None:
+        for fd in (self.master, self.slave):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 def _cannot_run(command: str, node_ip: str, e: Exception) -> tuple[str, int]:
@@ -132,11 +213,13 @@ def _status(returncode: int) -> dict[str, Any]:
     return {"code": returncode, "signal": None, "reason": "exit" if returncode else None}
 
 
-def _pump(proc: subprocess.Popen[bytes], lender: _Lender) -> Iterator[tuple[str, bytes]]:
-    """The process's output in order per stream, until both pipes close."""
+def _pump(
+    proc: subprocess.Popen[bytes], lender: _Lender, terminal: _Terminal | None
+) -> Iterator[tuple[str, bytes]]:
+    """The process's output in order per stream, until both pipes (or its terminal) close."""
     import time
 
-    output = _Output(proc)
+    output = _Output(proc, terminal)
     deadline = None
     while output.open():
         chunks, idle = output.read(0.0 if lender.wait() else None)
@@ -156,12 +239,15 @@ class _Output:
     full, at the end of its pipe, or _LINGER_S after its first byte: each chunk costs a Ray
     round trip, and a writer's small writes would otherwise each make one."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], terminal: _Terminal | None) -> None:
         import selectors
 
         self.pipes = selectors.DefaultSelector()
+        if terminal is not None:  # the whole session, as stdout
+            self.pipes.register(terminal.master, selectors.EVENT_READ, "stdout")
         for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
-            assert pipe is not None
+            if pipe is None:
+                continue
             with contextlib.suppress(OSError):  # larger reads, fewer chunks
                 fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
             self.pipes.register(pipe, selectors.EVENT_READ, name)
@@ -190,11 +276,17 @@ class _Output:
 
     def _read_one(self, key: Any) -> list[tuple[str, bytes]]:
         buffer = self.buffers[key.data]
-        data = os.read(key.fd, _READ_SIZE - len(buffer))
+        try:
+            data = os.read(key.fd, _READ_SIZE - len(buffer))
+        except BlockingIOError:
+            return []
+        except OSError:  # EIO: a terminal that no process holds any more
+            data = b""
         buffer += data
         if not data:
             self.pipes.unregister(key.fileobj)
-            key.fileobj.close()
+            if not isinstance(key.fileobj, int):
+                key.fileobj.close()  # a terminal's master is closed with the attempt
         if (data and len(buffer) < _READ_SIZE) or not buffer:
             return []
         chunk = bytes(buffer)
@@ -254,11 +346,12 @@ class _Control:
     """A TCP port on the node through which the bridge signals the attempt's process group
     and says when to lend its CPUs."""
 
-    def __init__(self, pgid: int, host: str) -> None:
+    def __init__(self, pgid: int, host: str, terminal: _Terminal | None = None) -> None:
         import secrets
         import threading
 
         self.pgid = pgid
+        self.terminal = terminal
         self.token = secrets.token_hex(16)
         self.sock = socket.create_server((host, 0))
         self.sock.settimeout(0.5)
@@ -298,6 +391,10 @@ class _Control:
             _killpg(self.pgid, int(request["signum"]))
         elif request["op"] == "lend":
             (self.lending.set if request["on"] else self.lending.clear)()
+        elif request["op"] == "terminal" and self.terminal is not None:
+            import base64
+
+            self.terminal.type(base64.b64decode(request["data"]), request["size"])
         elif request["op"] == "cancel":
             _killpg(self.pgid, signal.SIGCONT)
             _killpg(self.pgid, signal.SIGTERM)

@@ -90,6 +90,7 @@ class SlurmEngine:
     places_work = True
     writes_log_index = False  # the server indexes the log files as they grow
     samples_here = False  # on the nodes; the wrapper's `times` still gives the CPU totals
+    gives_terminals = False  # a job's stdin is not reachable from the server (docs/engines.md)
 
     def __init__(self, pool: Pool, events: EngineEvents) -> None:
         self.pool = pool
@@ -171,6 +172,13 @@ class SlurmEngine:
                 handles = [e] * len(members)
             results.update(zip(group, handles, strict=True))
         return [results[i] for i in range(len(launches))]
+
+    async def terminal(self, handle: Handle, data: bytes, size: tuple[int, int] | None) -> None:
+        raise EngineError("a Slurm job runs without a terminal")
+
+    def host_of(self, handle: Handle) -> str:
+        raise EngineError("port-forward: a Slurm job's node is not tracked; "
+                          "not on Slurm pools yet")
 
     async def signal(self, handle: Handle, signum: int) -> None:
         job = handle.get("job")

@@ -3,6 +3,7 @@ runtime, and render. Bad input is a 4xx with a JSON error naming the field, neve
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal as signals
@@ -12,15 +13,23 @@ from dataclasses import asdict
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp
 
 from velda import __version__
 from velda.models import Task, TaskStatus
-from velda.protocol import BadRequest, SubmitRequest, check_id, check_text, parse_int, parse_label
-from velda.server import logs, views, waiting
+from velda.protocol import (
+    BadRequest,
+    SubmitRequest,
+    check_id,
+    check_text,
+    parse_int,
+    parse_label,
+    parse_terminal,
+)
+from velda.server import logs, ports, views, waiting
 from velda.server.auth import CSRF_HEADER, Auth, Principal, task_token_refusal
 from velda.server.doors import LOOPBACK_NAMES, HostCheck, origin_refusal
 from velda.server.openapi import MAX_ATTEMPT, MAX_PAGE, openapi_document
@@ -67,10 +76,10 @@ class Api:
 
         return endpoint
 
-    def refusal(self, request: Request, principal: Principal) -> tuple[str, int] | None:
+    def refusal(self, request: HTTPConnection, principal: Principal) -> tuple[str, int] | None:
         """Why an authenticated request is still refused: a web session's change without the
         CSRF header or from another origin; a token whose task has ended."""
-        write = request.method not in ("GET", "HEAD")
+        write = request.scope.get("method") not in ("GET", "HEAD")  # a websocket writes
         if write and principal.via_cookie:
             if not self.auth.csrf_ok(dict(request.cookies), request.headers.get(CSRF_HEADER)):
                 return "missing or invalid CSRF header", 403
@@ -89,7 +98,7 @@ class Api:
 
     # --- helpers
 
-    def task(self, request: Request, principal: Principal) -> Task:
+    def task(self, request: HTTPConnection, principal: Principal) -> Task:
         task_id = check_id(request.path_params["id"], "id")
         task = self.store.get(task_id)
         if task is None:
@@ -203,6 +212,21 @@ class Api:
         if not valid or signum not in signals.valid_signals():
             raise BadRequest("signal: must be a signal number", "signal")
         await self.runtime.send_signal(task.id, signum)
+        return JSONResponse({"ok": True})
+
+    async def terminal(self, request: Request, principal: Principal) -> Response:
+        task = self.task(request, principal)
+        body = await self.body(request)
+        if not isinstance(body, dict) or not set(body) <= {"data", "size"}:
+            raise BadRequest('the body must be {"data": BASE64, "size": {"rows", "cols"}}')
+        data = body.get("data", "")
+        try:
+            typed = base64.b64decode(data, validate=True) if isinstance(data, str) else None
+        except ValueError:
+            typed = None
+        if typed is None:
+            raise BadRequest("data: must be base64 text", "data")
+        await self.runtime.to_terminal(task.id, typed, parse_terminal(body.get("size"), "size"))
         return JSONResponse({"ok": True})
 
     async def logs(self, request: Request, principal: Principal) -> Response:
@@ -362,6 +386,8 @@ def build_app(
     """The API and the web UI, answering only to the host `names` (doors.served_names), and
     to any IP address if `any_ip` (a server bound to every address)."""
     api = Api(runtime, auth)
+    relay = ports.PortRelay(runtime, api)
+    views.forwarded_ports = relay.forwards.of
     g = api.guarded
     routes: list[BaseRoute] = [
         Route("/healthz", healthz_of(runtime)),
@@ -379,7 +405,9 @@ def build_app(
         Route("/api/v1/tasks/{id:int}/cancel", g(api.cancel), methods=["POST"]),
         Route("/api/v1/tasks/{id:int}/retry", g(api.retry), methods=["POST"]),
         Route("/api/v1/tasks/{id:int}/signal", g(api.signal), methods=["POST"]),
+        Route("/api/v1/tasks/{id:int}/terminal", g(api.terminal), methods=["POST"]),
         Route("/api/v1/tasks/{id:int}/usage", g(api.usage)),
+        WebSocketRoute(ports.PATH, relay.endpoint),
         Route("/api/v1/pools", g(api.pools)),
         Route("/api/v1/login-links", g(api.login_link), methods=["POST"]),
     ]

@@ -63,12 +63,15 @@ class HostCheck:
         self.any_name = "*" in names
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.any_name:
+        if scope["type"] not in ("http", "websocket") or self.any_name:
             await self.app(scope, receive, send)
             return
         host = _header(scope, b"host")
         if host is None or self.allows(host):  # no Host at all: not a browser
             await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":  # refused before its handshake: the client sees 403
+            await send({"type": "websocket.close", "code": 1008, "reason": _why(host)[:123]})
             return
         await _refuse(send, host)
 
@@ -84,13 +87,16 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _refuse(send: Send, host: str) -> None:
-    message = (
+def _why(host: str) -> str:
+    return (
         f"this server does not answer to the host {host!r}; "
         "a team server lists its public names in allowed_hosts under [server] in velda.toml "
         "or with --allowed-host"
     )
-    body = json.dumps({"error": message, "field": "host"}).encode()
+
+
+async def _refuse(send: Send, host: str) -> None:
+    body = json.dumps({"error": _why(host), "field": "host"}).encode()
     start: dict[str, Any] = {
         "type": "http.response.start",
         "status": 421,

@@ -53,5 +53,5 @@ def launch_of(task: Task, pool: Pool, env: dict[str, str], directory: Path, home
         stdout_path=directory / "stdout", stderr_path=directory / "stderr",
         timeout_s=task.timeout_s,
         parent_id=None if task.parent_id is None else str(task.parent_id),
-        shard_id=task.shard_id, server_home=home,
+        shard_id=task.shard_id, server_home=home, terminal=task.terminal,
     )

@@ -19,6 +19,9 @@ from velda.server.views import task_detail
 
 CHUNK = 1 << 20
 POLL_S = 0.05
+# A task under a terminal echoes what its user types: its output is looked for more often, so
+# that a key comes back in a few milliseconds (bench/terminal_bench.py); one session, one file.
+TERMINAL_POLL_S = 0.005
 STREAMS = (("o", "stdout"), ("e", "stderr"))
 
 
@@ -159,7 +162,8 @@ async def _multiplex(
             continue
         if ending:
             return
-        version = await runtime.notifier.wait(version, POLL_S)
+        poll = POLL_S if task.terminal is None else TERMINAL_POLL_S
+        version = await runtime.notifier.wait(version, poll)
 
 
 async def task_events(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from velda import __version__
-from velda.protocol import MAX_ID, MAX_SHARDS, MAX_TIMEOUT_S
+from velda.protocol import MAX_ID, MAX_SHARDS, MAX_TERMINAL_SIDE, MAX_TIMEOUT_S
 
 MAX_PAGE = 1000
 MAX_ATTEMPT = 1_000_000
@@ -69,6 +69,8 @@ CALLS: list[tuple[str, str, str, str | None, list[str], str, str, list[str]]] = 
      ["id", "Idempotency-Key"], "200", "Task", ["400", "403", "404", "409", "413", "507"]),
     ("post", "/api/v1/tasks/{id}/signal", "Send a signal to a running task", "SignalRequest",
      ["id"], "200", "Ok", ["400", "403", "404", "409", "413"]),
+    ("post", "/api/v1/tasks/{id}/terminal", "Type into (or resize) a task's terminal",
+     "TerminalInput", ["id"], "200", "Ok", ["400", "403", "404", "409", "413"]),
     ("get", "/api/v1/tasks/{id}/usage", "What an attempt used, sample by sample", None,
      ["id", "attempt"], "200", "Usage", ["400", "403", "404"]),
     ("get", "/api/v1/pools", "Pools and their use", None, [], "200", "Pools", []),
@@ -97,6 +99,11 @@ _NULL_STR = {"type": ["string", "null"]}
 _NULL_INT = {"type": ["integer", "null"]}
 _NULL_TIME = {"type": ["string", "null"], "format": "date-time"}
 _COUNTS = {"type": "object", "additionalProperties": {"type": "integer"}}
+_SIDE = {"type": "integer", "minimum": 1, "maximum": MAX_TERMINAL_SIDE}
+TERMINAL_SCHEMA: dict[str, Any] = {
+    "type": ["object", "null"], "required": ["rows", "cols"], "additionalProperties": False,
+    "properties": {"rows": _SIDE, "cols": _SIDE},
+}
 _NULL_NUM = {"type": ["number", "null"]}
 USAGE_SCHEMA: dict[str, Any] = {
     "type": ["object", "null"],
@@ -137,6 +144,8 @@ TASK_SCHEMA: dict[str, Any] = {
         "shard_id": _NULL_INT,
         "total_shards": _NULL_INT,
         "gang": {"type": "boolean"},
+        "terminal": {**TERMINAL_SCHEMA, "description": "the size it started with, if it runs "
+                     "under a terminal (vrun at a terminal)"},
         "waiting_for": {
             "type": ["object", "null"],
             "description": "why a PENDING or QUEUED task has not started (docs/api.md)",
@@ -146,6 +155,13 @@ TASK_SCHEMA: dict[str, Any] = {
         },
         "usage": USAGE_SCHEMA,
         "env": {"type": "object", "additionalProperties": {"type": "string"}},
+        "forwarded_ports": {
+            "type": "array",
+            "description": "ports forwarded now (one task only): the WebSocket "
+                           "/api/v1/tasks/{id}/ports/{port}, docs/api.md",
+            "items": {"type": "object", "required": ["port", "local"],
+                      "properties": {"port": {"type": "integer"}, "local": _NULL_INT}},
+        },
     },
 }
 SCHEMAS: dict[str, Any] = {
@@ -190,6 +206,15 @@ SCHEMAS: dict[str, Any] = {
         "required": ["signal"],
         "properties": {"signal": {"type": "integer", "minimum": 1, "maximum": 64}},
     },
+    "TerminalInput": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "data": {"type": "string", "contentEncoding": "base64",
+                     "description": "bytes typed into the task's terminal, in base64"},
+            "size": {**TERMINAL_SCHEMA, "description": "the terminal's new size"},
+        },
+    },
     "object": {"type": "object"},
 }
 _MEDIA = {
@@ -223,6 +248,8 @@ SUBMIT_SCHEMA: dict[str, Any] = {
         "timeout_s": {"type": ["number", "null"], "exclusiveMinimum": 0,
                       "maximum": MAX_TIMEOUT_S},
         "blocking": {"type": "boolean"},
+        "terminal": {**TERMINAL_SCHEMA, "description": "run under a terminal of this size; "
+                     "its input through POST /api/v1/tasks/{id}/terminal"},
     },
     "additionalProperties": False,
 }
@@ -237,7 +264,7 @@ def _operation(call: tuple[str, str, str, str | None, list[str], str, str, list[
         op["parameters"] = [_parameter(name) for name in names]
     if body:
         schema = {"$ref": f"#/components/schemas/{body}"}
-        op["requestBody"] = {"required": body == "SignalRequest",
+        op["requestBody"] = {"required": body in ("SignalRequest", "TerminalInput"),
                              "content": {"application/json": {"schema": schema}}}
     codes = errors if path in PUBLIC else [*errors, "401"]
     for code in sorted(codes):

@@ -185,6 +185,9 @@ class Runtime:
             self.engine_of(pool.name).check_task(pool, req.cwd, req.total_shards, req.gang)
         except EngineError as e:
             raise BadRequest(str(e), e.field) from e
+        if req.terminal and not self.engine_of(pool.name).gives_terminals:
+            raise BadRequest(f"terminal: pool {pool.name} ({pool.engine}) cannot give a task a "
+                             "terminal; run it with --tty no", "terminal")
         if scope is not None:
             parent = self.store.get(scope)
             if parent is None or parent.status.is_final() or parent.cancel_requested:
@@ -227,7 +230,7 @@ class Runtime:
             id=0, pool=pool.name, command=req.command, cwd=req.cwd, env=env, name=req.name,
             parent_id=scope, labels=labels, priority=req.priority, retries=req.retries,
             timeout_s=req.timeout_s, created_at=self.now(), blocking=req.blocking,
-            total_shards=req.total_shards, gang=req.gang,
+            total_shards=req.total_shards, gang=req.gang, terminal=req.terminal,
         )
         self.store.insert(task)
         self.store.add_dependencies(task.id, deps)
@@ -765,10 +768,24 @@ class Runtime:
         }
 
     async def send_signal(self, task_id: int, signum: int) -> None:
+        task = self._running(task_id)
+        await self.engine_of(task.pool).signal(task.handle or {}, signum)
+
+    async def to_terminal(self, task_id: int, data: bytes, size: tuple[int, int] | None) -> None:
+        """Keystrokes for (and the new size of) the terminal a task runs under."""
+        task = self._running(task_id)
+        if task.terminal is None:
+            raise BadRequest(f"task {task_id} runs without a terminal", "id", status=409)
+        try:
+            await self.engine_of(task.pool).terminal(task.handle or {}, data, size)
+        except EngineError as e:
+            raise BadRequest(f"task {task_id}: {e}", "id", status=409) from e
+
+    def _running(self, task_id: int) -> Task:
         task = self.store.get(task_id)
         if task is None or task.status != S.RUNNING or not task.handle:
             raise BadRequest(f"task {task_id} is not running", "id", status=409)
-        await self.engine_of(task.pool).signal(task.handle, signum)
+        return task
 
     # --- recovery after a restart (recovery.py)
 

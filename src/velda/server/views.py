@@ -28,6 +28,8 @@ explain_waiting: Callable[[Task, list[Dependency]], dict[str, Any] | None] | Non
 attempt_usage: Callable[[int, int, float | None], dict[str, Any] | None] | None = None
 # What every attempt below a parent used, summed (usage.SubtreeUsage); installed likewise.
 subtree_usage: Callable[[Task], dict[str, Any] | None] | None = None
+# The ports forwarded to a task now (server/ports.py), [{"port", "local"}]; installed likewise.
+forwarded_ports: Callable[[int], list[dict[str, int | None]]] | None = None
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -69,9 +71,14 @@ def task_json(
         "shard_id": task.shard_id,
         "total_shards": task.total_shards,
         "gang": task.gang,
+        "terminal": _terminal(task.terminal),
         "waiting_for": _waiting_for(task, deps),
         "usage": _usage(task),
     }
+
+
+def _terminal(size: tuple[int, int] | None) -> dict[str, int] | None:
+    return None if size is None else {"rows": size[0], "cols": size[1]}
 
 
 def _usage(task: Task) -> dict[str, Any] | None:
@@ -110,6 +117,7 @@ def task_detail(task: Task, store: Store, show_env: bool = False) -> dict[str, A
     ]
     data["ancestors"] = _ancestors(task, store)
     data["subtree_usage"] = None if subtree_usage is None else subtree_usage(task)
+    data["forwarded_ports"] = [] if forwarded_ports is None else forwarded_ports(task.id)
     env = store.env_of(task.id)
     data["env"] = env if show_env else {k: masked(k, v) for k, v in env.items()}
     return data

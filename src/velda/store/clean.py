@@ -107,6 +107,15 @@ def reason(value: object) -> Reason | None:
     return Reason(value) if value in _REASONS else None
 
 
+def terminal(value: object) -> tuple[int, int] | None:
+    """A terminal's "ROWSxCOLS"; anything else reads as no terminal."""
+    text = value if isinstance(value, str) and len(value) <= 16 and value.isascii() else ""
+    rows, _, cols = text.partition("x")
+    if not (rows.isdigit() and cols.isdigit()) or not (0 < int(rows) and 0 < int(cols)):
+        return None
+    return int(rows), int(cols)
+
+
 # --- the repair
 
 

@@ -96,7 +96,7 @@ CREATE TABLE IF NOT EXISTS attempts (
 # (reason_detail is a field of Task: why its attempt ended, in words.)
 _ADDED_COLUMNS = (
     ("idempotency_key", "TEXT"), ("retry_key", "TEXT"), ("reason_detail", "TEXT"),
-    ("submitted_at", "REAL"), ("stop_cause", "TEXT"),
+    ("submitted_at", "REAL"), ("stop_cause", "TEXT"), ("terminal", "TEXT"),
 )
 
 # Stores made before submitted_at and stop_cause kept them as flags in the engine's handle: an
@@ -114,7 +114,7 @@ UPDATE tasks SET submitted_at = started_at
 _COLUMNS = (
     "id parent_id name status pool command env cwd labels priority attempt retries timeout_s "
     "exit_code signal reason created_at started_at finished_at resolved_at blocking shard_id "
-    "total_shards gang handle alloc cancel_requested reason_detail submitted_at stop_cause"
+    "total_shards gang handle alloc cancel_requested reason_detail submitted_at stop_cause terminal"
 ).split()
 _JSON_COLUMNS = {"command", "env", "labels", "handle"}
 # Reads leave out the environment, by far the largest column: only starting a task and its
@@ -128,6 +128,8 @@ def _encode(column: str, value: Any) -> Any:
         return None if value is None else json.dumps(value)
     if column == "alloc":
         return None if value is None else json.dumps(asdict(value))
+    if column == "terminal":
+        return None if value is None else "{}x{}".format(*value)
     if isinstance(value, TaskStatus | Reason):
         return value.value
     if isinstance(value, bool):
@@ -149,6 +151,7 @@ def _decode(row: sqlite3.Row) -> Task:
     values["status"] = clean.status(values["status"])
     values["reason"] = clean.reason(values["reason"])
     values["stop_cause"] = clean.reason(values["stop_cause"])
+    values["terminal"] = clean.terminal(values["terminal"])
     for flag in ("blocking", "gang", "cancel_requested"):
         values[flag] = bool(values[flag])
     return Task(**values)

@@ -1043,7 +1043,18 @@
       ["Shards", t.total_shards && t.shard_id === null ? `${t.total_shards}${t.gang ? " (gang)" : ""}` : null],
       ["Priority", t.priority ? String(t.priority) : null],
       ["Timeout", t.timeout_s ? fmtDuration(t.timeout_s * 1000) : null],
+      ["Forwarded ports", portLinks(t.forwarded_ports || [])],
     ];
+  }
+
+  // Ports forwarded now by `velda task port-forward` or `vrun -p`: each opens where the
+  // forwarder listens, http://127.0.0.1:LOCAL on the machine it runs on.
+  function portLinks(ports) {
+    if (!ports.length) return null;
+    return h("span", { class: "ports" }, ports.map((p) =>
+      p.local
+        ? h("a", { href: `http://127.0.0.1:${p.local}/`, class: "port", target: "_blank", rel: "noopener", title: `port ${p.port} of the task` }, `127.0.0.1:${p.local}`, h("span", { class: "muted" }, ` → ${p.port}`))
+        : h("span", { class: "port mono" }, String(p.port))));
   }
 
   function timingRows(t) {
