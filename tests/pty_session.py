@@ -66,7 +66,7 @@ class Terminal:
                 return os.waitstatus_to_exitcode(status)
             self._drain()
             time.sleep(0.05)
-        raise AssertionError("the command did not end")
+        raise AssertionError(f"the command did not end; its terminal showed {self.screen!r}")
 
 
 ASK_TERMINAL = ("import os, sys; "
