@@ -19,6 +19,7 @@ import pty
 import select
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,7 +84,9 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=40, help="keystrokes to time")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "VELDA_HOME": f"{tmp}/home", "VELDA_PORT": "0"}
+        bin_dir = os.path.dirname(sys.executable)  # velda and vrun of this interpreter
+        env = {**os.environ, "VELDA_HOME": f"{tmp}/home", "VELDA_PORT": "0",
+               "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
         big = Path(tmp) / "big.txt"
         line = b"0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456\n"
         big.write_bytes(line * (args.mb * 1024 * 1024 // len(line)))

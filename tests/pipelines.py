@@ -6,6 +6,8 @@ data, and what a finished run must show. Shared by the tests that run them on th
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,42 @@ def copy_examples(dest: Path) -> Path:
     return dest
 
 
+@contextmanager
+def examples_as_cwd(velda: Velda, dest: Path) -> Iterator[Path]:
+    """A writable copy of the example pipelines at `dest`, as `velda`'s current directory
+    until the block ends (for a `velda` that other tests share)."""
+    home = velda.cwd
+    velda.cwd = copy_examples(dest)
+    try:
+        yield velda.cwd
+    finally:
+        velda.cwd = home
+
+
 def parse_time(ts: str) -> float:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
 def make_data(velda: Velda, n: int = 8) -> None:
     velda.run("python", "make_data.py", str(n), check=True)
+
+
+def run_linear(velda: Velda, example: Path, timeout: float = 60) -> list[dict[str, Any]]:
+    """linear.sh ran to SUCCESS: process, then train once it succeeded, then evaluate, whose
+    model fits the data. Returns the three tasks."""
+    make_data(velda)
+    ids = velda.run("./linear.sh", check=True).stdout.split()
+    assert len(ids) == 3
+    process, train, evaluate = tasks = [velda.wait(i, timeout=timeout) for i in ids]
+    assert [t["status"] for t in tasks] == ["SUCCESS"] * 3
+    assert [t["pool"] for t in tasks] == ["cpu-2", "gpu-1", "cpu-1"]
+    assert parse_time(train["started_at"]) >= parse_time(process["finished_at"])
+    assert parse_time(evaluate["started_at"]) >= parse_time(train["finished_at"])
+    assert train["depends_on"] == [{"id": process["id"], "kind": "success"}]
+    assert "evaluation passed" in velda.log(evaluate["id"]).stdout
+    a, b = (float(v) for v in (example / "model.txt").read_text().split())
+    assert abs(a - 3) < 0.1 and abs(b - 2) < 0.3
+    return tasks
 
 
 def assert_recursive_succeeded(velda: Velda, root_id: str, example: Path,

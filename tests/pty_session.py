@@ -1,6 +1,6 @@
 """A command on a real pseudo-terminal, driven as a user at a terminal would, and the scenarios
 of `vrun` at a terminal that every pool that gives terminals passes (test_terminal.py on local
-pools, test_ray_pools.py on Ray)."""
+pools, test_ray_pools.py on Ray, test_slurm_pools.py on Slurm)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from velda_cli import Velda, default_signals
 
 
 class Terminal:
-    """A command on a real pseudo-terminal, as if typed in a shell."""
+    """A command on a real pseudo-terminal, as if typed in a shell (after `velda.prefix`)."""
 
     def __init__(self, velda: Velda, *argv: str, env: dict[str, str] | None = None) -> None:
+        argv = (*velda.prefix, *argv)
         self.pid, self.fd = pty.fork()
         if self.pid == 0:
             default_signals()  # however the suite was started
@@ -97,3 +98,24 @@ def typed_input_reaches_a_shell_and_its_exit_code_comes_back(velda: Velda, *pool
     term.expect(b"42 /dev/pts/")
     term.type(b"exit 3\r")
     assert term.wait() == 3
+
+
+def a_window_resize_reaches_the_task(velda: Velda, *pool: str) -> None:
+    term = Terminal(velda, "vrun", *pool, "python3", "-c", ON_RESIZE)
+    term.expect(b"ready (100, 30)")
+    term.resize(40, 120)
+    term.expect(b"resized (120, 40)")
+    term.type(b"\x03")  # Ctrl-C is the task's terminal's own: SIGINT to the task
+    assert term.wait() == 130
+
+
+def a_terminal_task_survives_a_killed_server(velda: Velda, *pool: str) -> None:
+    term = Terminal(velda, "vrun", *pool, "bash", "--norc", "-i", env={"PS1": "$ "})
+    term.type(b"echo one$((1))\r")
+    term.expect(b"one1")
+    velda.kill_server()
+    velda.run("velda", "task", "list", check=True)  # a new server, which adopts the task
+    term.type(b"echo two$((2))\r")
+    term.expect(b"two2", timeout=60)
+    term.type(b"exit 4\r")
+    assert term.wait(timeout=60) == 4

@@ -4,22 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines import assert_recursive_succeeded, make_data, parse_time
+from pipelines import assert_recursive_succeeded, make_data, parse_time, run_linear
 from velda_cli import Velda
 
 
 def test_linear_chains_process_train_eval(velda: Velda, example: Path) -> None:
-    make_data(velda)
-    ids = velda.run("./linear.sh", check=True).stdout.split()
-    assert len(ids) == 3
-    process, train, evaluate = (velda.wait(i) for i in ids)
-    assert [t["status"] for t in (process, train, evaluate)] == ["SUCCESS"] * 3
-    assert parse_time(train["started_at"]) >= parse_time(process["finished_at"])
-    assert parse_time(evaluate["started_at"]) >= parse_time(train["finished_at"])
-    assert train["depends_on"] == [{"id": process["id"], "kind": "success"}]
-    assert "evaluation passed" in velda.log(evaluate["id"]).stdout
-    a, b = (float(v) for v in (example / "model.txt").read_text().split())
-    assert abs(a - 3) < 0.1 and abs(b - 2) < 0.3
+    run_linear(velda, example)
 
 
 def test_fanout_one_child_per_file_under_one_parent(velda: Velda, example: Path) -> None:

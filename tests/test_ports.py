@@ -1,8 +1,8 @@
 """Forwarded ports (server/ports.py, cli/port_forward.py): a task serving HTTP is reached at
 http://127.0.0.1:LOCAL through `velda task port-forward` and `vrun -p`, from a local pool
-and a Ray pool; the task's JSON shows the port while it is forwarded; the refusals (a token
-of another task, a task that is not running, nothing listening) say why in one line. Real
-server, real commands, real HTTP servers as tasks."""
+and a Ray pool (a Slurm pool: test_slurm_pools.py); the task's JSON shows the port while it is
+forwarded; the refusals (a token of another task, a task that is not running, nothing
+listening) say why in one line. Real server, real commands, real HTTP servers as tasks."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import pytest
 from websockets.exceptions import ConnectionClosedError
 from websockets.sync.client import connect
 
+from forwarding import check_forward, forwarded, get, port_forward, serve, wait_forwarded
 from ray_cluster import RayCluster
 from velda_cli import Velda, cancel_open_tasks, default_signals, free_port
 
@@ -37,57 +38,6 @@ server = http.server.HTTPServer((sys.argv[1], int(sys.argv[2])), Hello)
 server.handle_request()
 print("served one request")
 """
-
-
-def serve(velda: Velda, port: int, *pool: str, bind: str = "127.0.0.1") -> str:
-    """A running task serving its working directory over HTTP on `port`."""
-    (velda.cwd / "hello.txt").write_text("hi\n")
-    task_id = velda.vbatch("-q", *pool, "python3", "-m", "http.server", str(port), "--bind",
-                           bind)
-    velda.wait(task_id, until={"RUNNING"})
-    return task_id
-
-
-@contextmanager
-def port_forward(
-    velda: Velda, *argv: str, env: dict[str, str] | None = None
-) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        ["velda", "task", "port-forward", *argv], cwd=velda.cwd, env={**velda.env, **(env or {})},
-        text=True,
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        preexec_fn=default_signals,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        proc.communicate(timeout=10)
-
-
-def get(url: str, timeout: float = 30) -> str:
-    """GET url, asked again while the forward or the task's server is not up yet."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                return str(response.read().decode())
-        except (OSError, urllib.error.URLError) as e:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"GET {url}: {e}") from e
-            time.sleep(0.2)
-
-
-def forwarded(velda: Velda, task_id: str) -> list[dict[str, Any]]:
-    return list(velda.get(task_id)["forwarded_ports"])
-
-
-def wait_forwarded(velda: Velda, task_id: str, expected: list[dict[str, Any]]) -> None:
-    deadline = time.monotonic() + 15
-    while (found := forwarded(velda, task_id)) != expected:
-        assert time.monotonic() < deadline, found
-        time.sleep(0.2)
 
 
 def server_url(velda: Velda) -> str:
@@ -119,21 +69,6 @@ def refusal(velda: Velda, path: str, token: str | None) -> tuple[int, str]:
     return frame.code, frame.reason
 
 
-def check_forward(velda: Velda, task_id: str, port: int) -> None:
-    """port-forward PORT:LOCAL serves the task's listing while it runs, shown in its JSON;
-    stopped, it is gone from the JSON."""
-    local = free_port()
-    with port_forward(velda, task_id, f"{port}:{local}") as proc:
-        listing = get(f"http://127.0.0.1:{local}/")
-        assert "hello.txt" in listing and "Directory listing" in listing
-        assert get(f"http://127.0.0.1:{local}/hello.txt") == "hi\n"
-        wait_forwarded(velda, task_id, [{"port": port, "local": local}])
-        proc.terminate()
-        _, err = proc.communicate(timeout=10)
-    assert f"forwarding http://127.0.0.1:{local} -> task {task_id} port {port}" in err
-    wait_forwarded(velda, task_id, [])
-
-
 # --- a local pool
 
 
@@ -163,17 +98,19 @@ def forwarded_local(velda: Velda, task_id: str) -> int:
     return int(found[0]["local"])
 
 
-def test_vrun_publishes_a_port_while_it_runs(velda: Velda) -> None:
+def vrun_serving_one_request(velda: Velda, *pool: str, python: str = sys.executable,
+                             bind: str = "127.0.0.1", timeout: float = 30) -> str:
+    """`vrun -p PORT:LOCAL` of a task that serves one HTTP request on PORT: the request goes
+    through 127.0.0.1:LOCAL here, and vrun ends with the task. vrun's stderr."""
     port, local = free_port(), free_port()
     vrun = subprocess.Popen(
-        ["vrun", "-p", f"{port}:{local}", sys.executable, "-c", ONE_REQUEST, "127.0.0.1",
-         str(port)],
+        ["vrun", *pool, "-p", f"{port}:{local}", python, "-c", ONE_REQUEST, bind, str(port)],
         cwd=velda.cwd, env=velda.env, text=True, stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_signals,
     )
     try:
-        assert get(f"http://127.0.0.1:{local}/") == "hello from the task"
-        out, err = vrun.communicate(timeout=30)
+        assert get(f"http://127.0.0.1:{local}/", timeout=timeout) == "hello from the task"
+        out, err = vrun.communicate(timeout=timeout)
     finally:
         if vrun.poll() is None:
             vrun.kill()
@@ -181,6 +118,11 @@ def test_vrun_publishes_a_port_while_it_runs(velda: Velda) -> None:
     assert vrun.returncode == 0, err
     assert out == "served one request\n"
     assert f"forwarding http://127.0.0.1:{local} -> task " in err
+    return err
+
+
+def test_vrun_publishes_a_port_while_it_runs(velda: Velda) -> None:
+    vrun_serving_one_request(velda)
 
 
 def test_bad_publish_options_are_usage_errors(velda: Velda) -> None:
@@ -349,19 +291,5 @@ def test_a_task_on_a_ray_node_is_reachable_through_port_forward(ray_velda: Velda
 
 @pytest.mark.ray
 def test_vrun_publishes_a_port_of_a_ray_task(ray_velda: Velda) -> None:
-    port, local = free_port(), free_port()
-    vrun = subprocess.Popen(
-        ["vrun", "-P", "ray", "-p", f"{port}:{local}", "python3", "-c", ONE_REQUEST,
-         "0.0.0.0", str(port)],
-        cwd=ray_velda.cwd, env=ray_velda.env, text=True, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_signals,
-    )
-    try:
-        assert get(f"http://127.0.0.1:{local}/", timeout=60) == "hello from the task"
-        out, err = vrun.communicate(timeout=60)
-    finally:
-        if vrun.poll() is None:
-            vrun.kill()
-            vrun.communicate()
-    assert vrun.returncode == 0, err
-    assert out == "served one request\n"
+    vrun_serving_one_request(ray_velda, "-P", "ray", python="python3", bind="0.0.0.0",
+                             timeout=60)

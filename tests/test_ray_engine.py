@@ -81,6 +81,22 @@ def test_cancel_before_it_starts(ray: Harness, tmp_path: Path) -> None:
     assert (launch.task_id, 1) not in ray.events.started
 
 
+def test_many_attempts_started_at_once_each_run_once_with_their_own_output(
+        ray: Harness, tmp_path: Path) -> None:
+    ran = tmp_path / "ran"
+    script = 'echo "out $N"; echo "err $N" >&2; echo "$N" >> "$RAN"; exit $((N % 4))'
+    launches = [ray.launch(tmp_path, ["sh", "-c", script], env={"N": str(n), "RAN": str(ran)})
+                for n in range(24)]
+    handles = ray.run(ray.engine.start_many(launches))
+    assert [h["key"] for h in handles] == [f"{launch.task_id}/1" for launch in launches]
+    for n, launch in enumerate(launches):
+        assert ray.wait_exit(launch) == Exit(n % 4, None, Reason.EXIT if n % 4 else None)
+        assert launch.stdout_path.read_text() == f"out {n}\n"
+        assert launch.stderr_path.read_text() == f"err {n}\n"
+        assert (launch.task_id, 1) in ray.events.started
+    assert sorted(int(line) for line in ran.read_text().split()) == list(range(24))
+
+
 def test_a_working_directory_missing_on_the_node_fails_the_attempt(ray: Harness,
                                                                    tmp_path: Path) -> None:
     no_dir = ray.launch(tmp_path, ["true"], cwd=tmp_path / "gone")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -20,13 +19,22 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import copy_examples, make_data, parse_time
+from hog import MB, hog_command, wait_for
+from pipelines import examples_as_cwd, make_data, parse_time, run_linear
 from pty_session import (
     typed_input_reaches_a_shell_and_its_exit_code_comes_back,
     vrun_has_a_terminal,
 )
 from ray_cluster import RayCluster
-from velda_cli import Velda, cancel_open_tasks, free_port, wait_gone
+from remote_pools import (
+    cancel_kills_the_process_on_its_node,
+    exit_codes_and_signals_are_recorded,
+    explain,
+    stdout_and_stderr_come_back_separately_and_exactly,
+    vbatch_inside_a_task_makes_children,
+    wait_for_output,
+)
+from velda_cli import Velda, cancel_open_tasks, free_port
 
 pytestmark = pytest.mark.ray
 
@@ -79,12 +87,8 @@ def velda(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture
 def example(velda: Velda, tmp_path: Path) -> Iterator[Path]:
     """A writable copy of the example pipelines, as the current directory."""
-    home = velda.cwd
-    velda.cwd = copy_examples(tmp_path / "ml-pipeline")
-    try:
-        yield velda.cwd
-    finally:
-        velda.cwd = home
+    with examples_as_cwd(velda, tmp_path / "ml-pipeline") as path:
+        yield path
 
 
 # Run as a task: prints the ID of the Ray node it runs on, read from the command line of the
@@ -107,40 +111,11 @@ def where(then: str = "") -> list[str]:
     return ["sh", "-c", f'{sys.executable} -c "$0"; {then}', WHERE]
 
 
-def wait_for_output(velda: Velda, ref: str, text: str, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        out = velda.log(ref).stdout
-        if text in out:
-            return out
-        assert time.monotonic() < deadline, f"no {text!r} from {ref} in {timeout:g} s: {out!r}"
-        time.sleep(0.1)
-
-
-def explain(velda: Velda, task_id: str) -> str:
-    """A failed task and its children, for the assertion message."""
-    lines = []
-    for task in [velda.get(task_id), *velda.children(task_id)]:
-        log = velda.run("velda", "task", "log", task["id"])
-        lines.append(f"{task['id']} {task['status']} {task['reason']} {task['command']}\n"
-                     f"  stdout: {log.stdout[-500:]!r}\n  stderr: {log.stderr[-1500:]!r}")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------- the example pipelines
 
 
 def test_linear_pipeline_runs_on_ray(velda: Velda, example: Path) -> None:
-    make_data(velda)
-    ids = velda.run("./linear.sh", check=True).stdout.split()
-    process, train, evaluate = (velda.wait(i, timeout=90) for i in ids)
-    assert [t["status"] for t in (process, train, evaluate)] == ["SUCCESS"] * 3
-    assert [t["pool"] for t in (process, train, evaluate)] == ["cpu-2", "gpu-1", "cpu-1"]
-    assert parse_time(train["started_at"]) >= parse_time(process["finished_at"])
-    assert parse_time(evaluate["started_at"]) >= parse_time(train["finished_at"])
-    assert "evaluation passed" in velda.log(evaluate["id"]).stdout
-    a, b = (float(v) for v in (example / "model.txt").read_text().split())
-    assert abs(a - 3) < 0.1 and abs(b - 2) < 0.3
+    run_linear(velda, example, timeout=90)
 
 
 def test_pipeline_fans_out_from_inside_a_ray_task(velda: Velda, example: Path) -> None:
@@ -222,25 +197,11 @@ def test_argv_cwd_env_and_gpus(velda: Velda, tmp_path: Path) -> None:
 
 
 def test_exit_codes_and_signals_are_recorded(velda: Velda) -> None:
-    failed = velda.run("vrun", "-P", "cpu-1", "sh", "-c", "echo out; echo err >&2; exit 3")
-    assert (failed.returncode, failed.stdout, failed.stderr) == (3, "out\n", "err\n")
-    killed = velda.run("vrun", "-P", "cpu-1", "--name", "killed", "sh", "-c", "kill -TERM $$")
-    assert killed.returncode == 128 + signal.SIGTERM
-    task = velda.get("killed")
-    assert (task["status"], task["signal"], task["reason"]) == ("FAILURE", 15, "signal")
+    exit_codes_and_signals_are_recorded(velda)
 
 
 def test_stdout_and_stderr_come_back_separately_and_exactly(velda: Velda) -> None:
-    writer = ("import os\n"
-              "for i in range(3000):\n"
-              "    os.write(1, b'%05d out ' % i + b'x' * (i % 50) + b'\\n')\n"
-              "    if i % 7 == 0: os.write(2, b'%05d err\\n' % i)\n")
-    task_id = velda.vbatch("-P", "cpu-1", "python", "-c", writer)
-    assert velda.wait(task_id)["status"] == "SUCCESS"
-    out = "".join(f"{i:05d} out {'x' * (i % 50)}\n" for i in range(3000))
-    err = "".join(f"{i:05d} err\n" for i in range(0, 3000, 7))
-    assert velda.log(task_id, "--stdout").stdout == out
-    assert velda.log(task_id, "--stderr").stderr == err
+    stdout_and_stderr_come_back_separately_and_exactly(velda)
 
 
 def test_upload_pool_runs_in_a_copy_of_the_directory(velda: Velda, tmp_path: Path) -> None:
@@ -287,30 +248,11 @@ def test_log_follow_streams_while_the_task_runs(velda: Velda, tmp_path: Path) ->
 
 
 def test_cancel_kills_the_process_on_its_node(velda: Velda) -> None:
-    task_id = velda.vbatch("-P", "cpu-1", "sh", "-c", "sleep 1000 & echo $$ $!; wait")
-    pids = [int(p) for p in wait_for_output(velda, task_id, "\n").split()]
-    started = time.monotonic()
-    velda.run("velda", "task", "cancel", task_id, check=True)
-    task = velda.wait(task_id, timeout=20)
-    assert (task["status"], task["signal"], task["reason"]) == ("CANCELLED", 15, "cancelled")
-    for pid in pids:
-        wait_gone(pid)
-    assert time.monotonic() - started < 10
+    cancel_kills_the_process_on_its_node(velda)
 
 
 def test_vbatch_inside_a_ray_task_makes_children(velda: Velda) -> None:
-    parent_id = velda.vbatch("-P", "cpu-1", "--name", "outer", "sh", "-c",
-                             "vbatch -q -P cpu-1 --name on-ray echo ray &&"
-                             " vbatch -q -P shell --name local echo local")
-    parent = velda.wait(parent_id, timeout=60)
-    assert parent["status"] == "SUCCESS", velda.log(parent_id).stderr
-    children = {c["name"]: c for c in velda.children(parent_id)}
-    assert set(children) == {"on-ray", "local"}
-    assert all(c["parent_id"] == parent_id and c["status"] == "SUCCESS"
-               for c in children.values())
-    assert children["on-ray"]["pool"] == "cpu-1"
-    assert velda.log(f"{parent_id}/on-ray").stdout == "ray\n"
-    assert parent["children"]["succeeded"] == 2
+    vbatch_inside_a_task_makes_children(velda)
 
 
 # ---------------------------------------------------------------- failures
@@ -364,3 +306,18 @@ def test_a_ray_task_survives_a_killed_server(velda: Velda) -> None:
 def test_vrun_at_a_terminal_on_a_ray_node(velda: Velda) -> None:
     vrun_has_a_terminal(velda, "-P", "cpu-1")
     typed_input_reaches_a_shell_and_its_exit_code_comes_back(velda, "-P", "cpu-1")
+
+
+def test_what_a_ray_task_used_is_measured_on_its_node(velda: Velda) -> None:
+    task_id = velda.vbatch("-P", "cpu-1", *hog_command(velda, 200, 2))
+    running = wait_for(velda, task_id, samples=2, timeout=60)
+    assert running["final"] is False
+    assert int(str(running["memory_bytes"])) >= 200 * MB
+    task = velda.wait(task_id, timeout=60)
+    assert task["status"] == "SUCCESS"
+    spun = float(velda.log(task_id).stdout)
+    done = task["usage"]
+    assert done["final"] is True and done["peak_memory_bytes"] >= 200 * MB
+    assert spun - 0.01 <= done["cpu_s"] <= spun + 2  # what it spun, plus start-up and the touch
+    top = velda.run("velda", "task", "get", task_id, check=True).stdout
+    assert f"usage: cpu {done['cpu_s']:.2f} s" in top

@@ -179,3 +179,64 @@ def test_a_pool_server_url_is_the_velda_server_its_tasks_see(tmp_path: Path) -> 
     settle(runtime)
     seen = {launch.pool.name: launch.env["VELDA_SERVER"] for launch in engines[0].started}
     assert seen == {"far": "http://head:7411", "cpu-1": "http://team:7411"}
+
+
+def _wide_world(tmp_path: Path, cpus: int) -> tuple[Runtime, FakeEngine]:
+    engines: list[FakeEngine] = []
+
+    def make(events: EngineEvents) -> FakeEngine:
+        assert isinstance(events, Runtime)
+        engines.append(FakeEngine(events, cpus=cpus))
+        return engines[0]
+
+    runtime = Runtime(tmp_path, Config(), SqliteStore(":memory:"), lambda i: f"t{i}",
+                      now=lambda: 1000.0, local=make)
+    return runtime, engines[0]
+
+
+def _finish_in_one_tick(runtime: Runtime, engine: FakeEngine, ids: list[int]) -> list[str]:
+    """End the attempts of `ids` in one turn of the event loop; the statements that wrote
+    their reports."""
+    statements: list[str] = []
+    runtime.store.db.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+
+    async def finish_all() -> None:
+        for task_id in ids:
+            engine.finish(task_id, 0)
+        await asyncio.sleep(0)  # the end of the tick: the group is written
+        await asyncio.sleep(0)  # the scheduling pass the exits asked for begins
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        await asyncio.gather(*others)
+
+    asyncio.get_event_loop().run_until_complete(finish_all())
+    runtime.store.db.set_trace_callback(None)  # type: ignore[attr-defined]
+    return statements
+
+
+def test_the_exits_of_one_tick_are_written_in_one_transaction(tmp_path: Path) -> None:
+    runtime, engine = _wide_world(tmp_path, cpus=20)
+    ids = [submit(runtime) for _ in range(20)]
+    settle(runtime)
+    assert {status(runtime, i) for i in ids} == {S.RUNNING}
+    statements = _finish_in_one_tick(runtime, engine, ids)
+    assert [s for s in statements if s.startswith("BEGIN")] == ["BEGIN IMMEDIATE"]
+    assert {status(runtime, i) for i in ids} == {S.SUCCESS}
+
+
+def test_a_report_that_cannot_be_written_leaves_the_others_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime, engine = _wide_world(tmp_path, cpus=3)
+    ids = [submit(runtime) for _ in range(3)]
+    settle(runtime)
+    record_exit = runtime._record_exit
+
+    def broken_for_the_second(task: object, exit: Exit) -> None:
+        if getattr(task, "id", None) == ids[1]:
+            raise RuntimeError("broken")
+        record_exit(task, exit)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime, "_record_exit", broken_for_the_second)
+    _finish_in_one_tick(runtime, engine, ids)
+    assert [status(runtime, i) for i in ids] == [S.SUCCESS, S.RUNNING, S.SUCCESS]
+    assert f"('exit', '{ids[1]}', 1) could not be written" in caplog.text

@@ -12,6 +12,7 @@ engine serves the whole module; each test uses its own task IDs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from slurm_cluster import SlurmCluster
 from velda.engines.base import EngineError, Launch
 from velda.engines.slurm import SlurmEngine
 from velda.engines.status_file import read_int
+from velda.engines.terminal_host import read_published
 from velda.models import Exit, Reason, Resources
 from velda_cli import alive
 
@@ -152,3 +154,31 @@ def test_a_job_slurm_refuses_is_an_engine_error(harness: Harness, tmp_path: Path
         harness.start(launch)
     results = harness.run(harness.engine.start_many([launch]))
     assert isinstance(results[0], EngineError)
+
+
+def test_a_job_under_a_terminal_runs_on_it_and_names_its_node(harness: Harness,
+                                                               tmp_path: Path) -> None:
+    # Typing into it needs the server in the cluster's network namespace, where the keeper's
+    # port is: test_slurm_pools.py does that through vrun.
+    launch = dataclasses.replace(
+        harness.launch(tmp_path, sh("tty; stty size; sleep 2; exit 5")), terminal=(24, 80))
+    harness.start(launch)
+    handle = harness.wait_running(launch)
+    assert harness.engine.host_of(handle) == "127.0.0.1"  # the nodes' NodeAddr
+    harness.wait(lambda: read_published(launch.attempt_dir) is not None, 10, "published")
+    port, token = read_published(launch.attempt_dir) or (0, "")
+    assert port > 0 and len(token) == 32
+    assert (launch.attempt_dir / "terminal.json").stat().st_mode & 0o777 == 0o600
+    assert harness.wait_exit(launch).exit_code == 5
+    session = launch.stdout_path.read_bytes()  # all of it, before the exit
+    assert session.startswith(b"/dev/pts/") and session.endswith(b"\r\n24 80\r\n"), session
+    assert read_published(launch.attempt_dir) is None  # its keeper has ended
+
+
+def test_a_terminal_without_python3_on_the_node_fails_in_words(harness: Harness,
+                                                               tmp_path: Path) -> None:
+    launch = dataclasses.replace(
+        harness.launch(tmp_path, ["true"], env={"PATH": str(tmp_path / "nothing")}),
+        terminal=(24, 80))
+    assert harness.run_to_end(launch).exit_code == 127
+    assert "python3" in launch.stderr_path.read_text()

@@ -1,6 +1,7 @@
 """What a user at a terminal sees: the Ctrl-C question of vbatch -f, watch's progress bar, and
 `vrun` giving its task a terminal of its own (keys, Ctrl-C, window size, the exit code, the
-session kept as its log), on local pools here and on Ray pools in test_ray_pools.py."""
+session kept as its log), on local pools here, on Ray pools in test_ray_pools.py and on Slurm
+pools in test_slurm_pools.py."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 
 from pty_session import (
     ASK_TERMINAL,
-    ON_RESIZE,
     Terminal,
+    a_terminal_task_survives_a_killed_server,
+    a_window_resize_reaches_the_task,
     typed_input_reaches_a_shell_and_its_exit_code_comes_back,
     vrun_has_a_terminal,
 )
@@ -61,12 +63,7 @@ def test_vrun_with_no_command_opens_the_users_shell(velda: Velda) -> None:
 
 
 def test_a_window_resize_reaches_the_task(velda: Velda) -> None:
-    term = Terminal(velda, "vrun", "python3", "-c", ON_RESIZE)
-    term.expect(b"ready (100, 30)")
-    term.resize(40, 120)
-    term.expect(b"resized (120, 40)")
-    term.type(b"\x03")  # Ctrl-C is the task's terminal's own: SIGINT to the task
-    assert term.wait() == 130
+    a_window_resize_reaches_the_task(velda)
 
 
 def test_ctrl_z_and_fg_are_the_tasks_shells_own(velda: Velda) -> None:
@@ -99,12 +96,4 @@ def test_without_a_terminal_nothing_changes(velda: Velda) -> None:
 
 
 def test_a_terminal_task_survives_a_killed_server(velda: Velda) -> None:
-    term = Terminal(velda, "vrun", "bash", "--norc", "-i", env={"PS1": "$ "})
-    term.type(b"echo one$((1))\r")
-    term.expect(b"one1")
-    velda.kill_server()
-    velda.run("velda", "task", "list", check=True)  # a new server, which adopts the task
-    term.type(b"echo two$((2))\r")
-    term.expect(b"two2", timeout=60)
-    term.type(b"exit 4\r")
-    assert term.wait(timeout=60) == 4
+    a_terminal_task_survives_a_killed_server(velda)

@@ -4,56 +4,21 @@ attempt and for a parent's subtree, through `velda task get`, `-o json`, `-o wid
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from hog import MB, hog_command, wait_for
 from velda.server import gpu_usage
 from velda_cli import Velda
 
-MB = 1024 * 1024
 Hog = Callable[[int, float], list[str]]
-
-
-HOG = """
-import sys, time
-megabytes, seconds = int(sys.argv[1]), float(sys.argv[2])
-block = bytearray(megabytes * 1024 * 1024)
-for i in range(0, len(block), 4096):
-    block[i] = 1
-start = time.process_time()
-while time.process_time() - start < seconds:
-    pass
-print(round(time.process_time() - start, 3))
-"""
 
 
 @pytest.fixture
 def hog(velda: Velda) -> Hog:
-    """A command that holds that many megabytes of memory (touched) and spins until it has
-    used that many CPU seconds (not wall seconds: a busy machine must not make it use less),
-    then prints the CPU seconds it spun."""
-    script = velda.cwd / "hog.py"
-    script.write_text(HOG)
-    return lambda megabytes, seconds: ["python3", str(script), str(megabytes), str(seconds)]
-
-
-def usage(velda: Velda, ref: str) -> dict[str, object]:
-    task = json.loads(velda.run("velda", "task", "get", ref, "-o", "json", check=True).stdout)
-    return dict(task["usage"])
-
-
-def wait_for(velda: Velda, ref: str, samples: int, timeout: float = 30) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = usage(velda, ref)
-        if int(str(found["samples"])) >= samples:
-            return found
-        assert time.monotonic() < deadline, found
-        time.sleep(0.2)
+    return lambda megabytes, seconds: hog_command(velda, megabytes, seconds)
 
 
 def test_cpu_time_and_peak_memory_of_a_task(velda: Velda, hog: Hog) -> None:

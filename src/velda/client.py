@@ -215,6 +215,17 @@ class Client:
         answer returns the task the first try made instead of making a second one."""
         return self.call("POST", "/api/v1/tasks", request, _new_key())
 
+    def submit_many(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Many new tasks in one request, each a dict of `submit`'s arguments, stored all or
+        none and in order (a later one may name an earlier one in `after_success`); at most
+        10,000 at a time. Each answer has the task's `id`, `name`, `status` and `pool`. Safe
+        to repeat for the same reason as `submit`."""
+        answer = self.call("POST", "/api/v1/tasks:batch", {"tasks": requests}, _new_key())
+        tasks = answer.get("tasks")
+        if not isinstance(tasks, list):
+            raise VeldaError("unexpected answer from the server to a bulk submit")
+        return tasks
+
     def get(self, ref: str) -> dict[str, Any]:
         from urllib.parse import urlencode
 

@@ -9,10 +9,18 @@ import math
 import re
 from dataclasses import dataclass, field
 
+TYPE_CHECKING = False  # typing is not imported at run time: the CLI imports this module
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, TypeVar
+
+    _T = TypeVar("_T")
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 MAX_NAME = 200
 MAX_SHARDS = 10_000
+MAX_BATCH = 10_000  # tasks in one POST /api/v1/tasks:batch
 MAX_TIMEOUT_S = 30 * 86400
 MAX_ID = 2**63 - 1  # SQLite's INTEGER: IDs, offsets and tokens fit in 63 bits
 
@@ -24,6 +32,19 @@ class BadRequest(ValueError):
         super().__init__(message)
         self.field = field
         self.status = status
+
+
+def in_item(index: int | None, step: Callable[..., _T], *args: Any) -> _T:
+    """`step(*args)` for the index-th of several requests sent together: its BadRequest
+    says which one (`tasks[3]: pool: ...`, field `tasks[3].pool`). No index: a request on
+    its own, whose errors stay as they are."""
+    try:
+        return step(*args)
+    except BadRequest as e:
+        if index is None:
+            raise
+        field = f"tasks[{index}]" + (f".{e.field}" if e.field else "")
+        raise BadRequest(f"tasks[{index}]: {e}", field, e.status) from e
 
 
 def parse_duration(value: object, field: str = "timeout") -> float | None:

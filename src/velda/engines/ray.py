@@ -36,6 +36,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,6 @@ from velda.engines.base import (
     Launch,
     NotStartedError,
     StartResult,
-    start_each,
 )
 from velda.engines.pids import same_process
 from velda.models import Exit, Pool, Reason, Resources
@@ -58,6 +58,7 @@ STATE_FILE = "ray.json"
 _BRIDGE_CMD = "from velda.engines.ray_bridge import bridge_main; bridge_main()"
 _PROBE_TIMEOUT_S = 2.0
 ADOPT_POLL_S = 0.5
+_STATE_READS = 20  # a write halfway is over in microseconds
 _WORKDIRS = ("shared", "upload")
 
 Control = tuple[str, int, str]  # node host, port, token
@@ -127,24 +128,55 @@ class RayEngine:
         return None  # the working directory is the node's business (docs/engines.md)
 
     async def start_many(self, launches: list[Launch]) -> list[StartResult]:
-        return await start_each(self, launches)
+        """All the starts of one scheduling pass go to the bridge in one write."""
+        try:
+            bridge = await self._ensure_bridge()
+        except Exception as e:  # it ends these attempts, as their own failures would
+            return [e for _ in launches]
+        results: list[StartResult] = []
+        lines = []
+        for launch in launches:
+            try:
+                line, handle = self._start_line(launch)
+            except Exception as e:  # it ends this attempt and no other
+                results.append(e)
+                continue
+            lines.append(line)
+            results.append(handle)
+        await self._send_lines(bridge, lines)
+        self._check_sent(bridge, launches)
+        return results
 
     async def start(self, launch: Launch) -> Handle:
+        result = (await self.start_many([launch]))[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _start_line(self, launch: Launch) -> tuple[bytes, Handle]:
+        """The bridge's start command for the attempt, which is tracked from here on."""
         upload = workdir_of(launch.pool) == "upload"
-        bridge = await self._ensure_bridge()
-        key = f"{launch.task_id}/{launch.attempt}"
-        handle: Handle = {"key": key, "address": self.address}
-        self._attempts[key] = _Attempt(launch.task_id, launch.attempt, launch.stderr_path, handle)
-        await self._send(bridge, {
+        key = _key_of(launch)
+        line = json.dumps({
             "op": "start", "key": key, "argv": launch.argv, "cwd": launch.cwd,
             "env": self._task_env(launch), "upload": upload, "options": ray_options(launch),
             "terminal": launch.terminal,
             "stdout": str(launch.stdout_path), "stderr": str(launch.stderr_path),
             "state": str(launch.attempt_dir / STATE_FILE),
-        })
-        if self._bridge is not bridge and key in self._attempts:  # it died before we sent
-            self._lost(self._attempts.pop(key), "the pool's Ray driver exited")
-        return handle
+        }).encode() + b"\n"
+        handle: Handle = {"key": key, "address": self.address}
+        self._attempts[key] = _Attempt(launch.task_id, launch.attempt, launch.stderr_path, handle)
+        return line, handle
+
+    def _check_sent(self, bridge: _BridgeProcess, launches: list[Launch]) -> None:
+        """A bridge that died before the starts reached it has reported its attempts lost
+        already; these ones too."""
+        if self._bridge is bridge:
+            return
+        for launch in launches:
+            attempt = self._attempts.pop(_key_of(launch), None)
+            if attempt is not None:
+                self._lost(attempt, "the pool's Ray driver exited")
 
     async def signal(self, handle: Handle, signum: int) -> None:
         await self._to_attempt(handle, {"op": "signal", "signum": signum})
@@ -239,9 +271,14 @@ class RayEngine:
         return bridge
 
     async def _send(self, bridge: _BridgeProcess, message: dict[str, Any]) -> None:
+        await self._send_lines(bridge, [json.dumps(message).encode() + b"\n"])
+
+    async def _send_lines(self, bridge: _BridgeProcess, lines: list[bytes]) -> None:
         assert bridge.proc.stdin is not None
+        if not lines:
+            return
         try:
-            bridge.proc.stdin.write(json.dumps(message).encode() + b"\n")
+            bridge.proc.stdin.write(b"".join(lines))
             await bridge.proc.stdin.drain()
         except (ConnectionError, RuntimeError) as e:
             log.warning("ray bridge is gone (%s); its attempts will be reported lost", e)
@@ -322,13 +359,18 @@ class RayEngine:
         while True:
             await asyncio.sleep(ADOPT_POLL_S)
             alive = same_process(bridge["pid"], bridge["start"])
-            state = _read_state(path) or state  # read after the check: a last write counts
+            with contextlib.suppress(ValueError):  # read after the check: a last write counts
+                state = _read_state(path) or state
             if self._follow_state(tracked, state):
                 return
             if not alive:
                 del self._adopted[tracked.handle["key"]]
                 self._lost(tracked, "the Ray driver of the previous server exited")
                 return
+
+
+def _key_of(launch: Launch) -> str:
+    return f"{launch.task_id}/{launch.attempt}"
 
 
 def workdir_of(pool: Pool) -> str:
@@ -405,11 +447,17 @@ async def _first_event(proc: asyncio.subprocess.Process) -> str | None:
 
 
 def _read_state(path: Path) -> dict[str, Any] | None:
-    try:
-        state: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return state
+    """ray.json (None while there is none). The bridge writes it over in place, and a read
+    may catch it halfway: that is not JSON (the state only grows), so read again."""
+    for _ in range(_STATE_READS):
+        try:
+            state: dict[str, Any] = json.loads(path.read_bytes())
+            return state
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            time.sleep(0.001)
+    raise ValueError(f"{path} is not JSON")
 
 
 async def _settled_state(path: Path) -> dict[str, Any] | None:

@@ -9,9 +9,17 @@ and costs ~100 MB.
 The bridge submits every attempt as a streaming-generator task (`ray_node.run_attempt`) with
 the pool's `num_cpus`/`num_gpus`/`memory`/custom resources (`max_retries=0`: velda retries
 itself, and a re-executed generator would duplicate output). It appends the chunks the
-generator yields to the attempt's log files, so output bytes never pass through the server,
-and keeps the attempt's state (bridge, node, control port, exit) in `ray.json` in the attempt
-directory. A watchdog fails every attempt when the head stops answering.
+generator yields to the attempt's log files (each opened with its first byte), so output bytes
+never pass through the server, and keeps the attempt's state (bridge, node, control port,
+exit) in `ray.json` in the attempt directory: written before the submit (so a next server
+waits for this bridge rather than starting the attempt again), when the command starts, and
+when it ends. A watchdog fails every attempt when the head stops answering.
+
+Short commands come by the hundred per second, and on this path every system call and every
+hop between threads shows: the starts of a scheduling pass come in one write, events of one
+turn of the loop go out in one write, a submit happens on the loop (under a millisecond;
+only packing a directory to upload goes to a thread), `ray.json` is one descriptor written
+over in place, and a streamed item already at hand is taken without waiting.
 
 When the server stops or dies, the bridge sees the end of its stdin: it cancels what Ray has
 not started yet and lets the running attempts finish, still writing their logs and
@@ -36,7 +44,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from velda import logindex
-from velda.engines import ray_node
+from velda.engines import proc_tree, ray_node
 from velda.engines.pids import start_time
 from velda.engines.ray import ADOPT_POLL_S, Control, control_request, probe
 from velda.models import Reason
@@ -51,34 +59,70 @@ log = logging.getLogger("velda.engines.ray_bridge")
 @dataclass
 class _Run:
     key: str
-    stdout: IO[bytes]
-    stderr: IO[bytes]
-    state_path: Path
+    state_path: str
+    log_paths: dict[str, str]  # by stream
     state: dict[str, Any]
     gen: Any = None  # the ObjectRefGenerator, once submitted
     control: Control | None = None  # once running
     cancel_grace: float | None = None
     lending: bool = False  # its command waits in a vrun: its CPUs go to the children
     orphaned: bool = False  # cancelled because the server went away before it started
+    exit: dict[str, Any] | None = None
+    logs: dict[str, IO[bytes]] = field(default_factory=dict)  # opened at their first byte
     index_fd: int = -1  # the attempt's chunk index (velda/logindex.py), once open
+    state_fd: int = -1  # ray.json, once written
     # typed input goes to the node one request after the other, in the order it came
     typing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def append(self, stream: str, payload: bytes) -> None:
         """Bytes to a log file, and to the index when they landed, so that the combined view
         orders them as the task wrote them."""
-        log = self.stdout if stream == "stdout" else self.stderr
+        log = self.log(stream)
         log.write(payload)
         if self.index_fd >= 0:
             logindex.record(self.index_fd, stream, log.tell(), time.time())
-    exit: dict[str, Any] | None = None
+
+    def log(self, stream: str) -> IO[bytes]:
+        """The stream's log file, opened (with the index) when the first bytes come: most
+        short commands write nothing, and each open costs more than their whole run."""
+        if stream not in self.logs:
+            path = self.log_paths[stream]
+            if not self.logs:
+                with contextlib.suppress(OSError):
+                    self.index_fd = logindex.open_index(Path(path).parent)
+            self.logs[stream] = _open_log(path)
+        return self.logs[stream]
+
+    def measured(self, kind: str, text: str) -> None:
+        """A usage sample from the node (appended to the attempt's `usage` file), or its CPU
+        totals (its `times` file), as server/usage.py reads them for a local attempt."""
+        name, flags = ((proc_tree.SAMPLES, os.O_APPEND) if kind == "usage"
+                       else (proc_tree.TIMES, os.O_TRUNC))
+        path = Path(self.state_path).parent / name
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | flags, 0o600)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+
+    def close_files(self) -> None:
+        for log in self.logs.values():
+            log.close()
+        for fd in (self.index_fd, self.state_fd):
+            if fd >= 0:
+                os.close(fd)
 
     def save(self) -> None:
-        """ray.json, replaced whole: a reader never sees half of it."""
+        """ray.json, written over in place. The state only grows (keys are added, never
+        changed), so a reader that catches a write halfway sees the old text or text that is
+        not JSON, and reads again. Not synced: it must outlive the server and the bridge,
+        not the machine."""
         with contextlib.suppress(OSError):
-            tmp = self.state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.state))
-            os.replace(tmp, self.state_path)
+            if self.state_fd < 0:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                self.state_fd = os.open(self.state_path, flags, 0o600)
+            os.pwrite(self.state_fd, json.dumps(self.state).encode(), 0)
 
 
 def bridge_main() -> None:
@@ -122,10 +166,12 @@ class Bridge:
         self.head_timeout_s = head_timeout_s
         self.node_timeout_s = node_timeout_s
         self.runs: dict[str, _Run] = {}
+        self.pending: list[bytes] = []  # event lines not written yet
         self.tasks: set[asyncio.Task[None]] = set()
         self.orphaned = False  # the server went away
         self.me = {"pid": os.getpid(), "start": start_time(os.getpid())}
         ray.cloudpickle.register_pickle_by_value(ray_node)
+        ray.cloudpickle.register_pickle_by_value(proc_tree)  # ray_node's sampling
         self.remote = ray.remote(ray_node.run_attempt)
 
     async def serve(self) -> int:
@@ -138,6 +184,7 @@ class Bridge:
         if watchdog.done():
             await self._abandon(watchdog.result())
             return 1
+        self._flush_events()
         return 0
 
     async def _read_commands(self) -> None:
@@ -193,6 +240,7 @@ class Bridge:
 
     async def _abandon(self, message: str) -> None:
         """The cluster is lost: kill what still runs, and say so."""
+        self._flush_events()
         _emit(self.events, {"ev": "fatal", "message": message})
         runs = list(self.runs.values())
         kills = [control_request(r.control, {"op": "cancel", "grace_s": 0})
@@ -201,8 +249,8 @@ class Bridge:
             await asyncio.wait([asyncio.ensure_future(k) for k in kills], timeout=3)
         for run in runs:
             if self.orphaned:  # else the engine says it
-                run.stderr.write(f"velda: ray cluster: {message}; this attempt was lost\n"
-                                 .encode())
+                run.append("stderr", f"velda: ray cluster: {message}; this attempt was lost\n"
+                           .encode())
             run.state["exit"] = {"code": None, "signal": None, "reason": Reason.LOST.value}
             run.save()
 
@@ -210,27 +258,34 @@ class Bridge:
 
     async def _run(self, command: dict[str, Any]) -> None:
         key = command["key"]
-        run = _Run(key, _open_log(command["stdout"]), _open_log(command["stderr"]),
-                   Path(command["state"]), {"bridge": self.me})
-        run.save()
+        logs = {"stdout": command["stdout"], "stderr": command["stderr"]}
+        run = _Run(key, command["state"], logs, {"bridge": self.me})
+        run.save()  # before the submit: a next server must see that this bridge has it
         self.runs[key] = run
-        with contextlib.suppress(OSError):
-            run.index_fd = logindex.open_index(Path(command["stdout"]).parent)
         try:
-            result = await self._follow(run, command)
+            result = await self._follow(run, self._submit_soon(command))
+            run.state["exit"] = result
+            run.save()
         finally:
             del self.runs[key]
-            run.stdout.close()
-            run.stderr.close()
-            if run.index_fd >= 0:
-                os.close(run.index_fd)
-        run.state["exit"] = result
-        run.save()
-        _emit(self.events, {"ev": "exited", "key": key, "exit": result})
+            run.close_files()
+        self._event({"ev": "exited", "key": key, "exit": result})
 
-    async def _follow(self, run: _Run, command: dict[str, Any]) -> dict[str, Any]:
+    def _event(self, event: dict[str, Any]) -> None:
+        """Events of one turn of the loop go out in one write."""
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self._flush_events)
+        self.pending.append(json.dumps(event).encode() + b"\n")
+
+    def _flush_events(self) -> None:
+        lines, self.pending = self.pending, []
+        with contextlib.suppress(OSError):  # the server may be gone; ray.json still tells
+            self.events.write(b"".join(lines))
+            self.events.flush()
+
+    async def _follow(self, run: _Run, submitted: asyncio.Future[Any]) -> dict[str, Any]:
         """The attempt's exit, once its stream ends or its node stops answering."""
-        stream = asyncio.ensure_future(self._stream(run, command))
+        stream = asyncio.ensure_future(self._stream(run, submitted))
         silent = asyncio.ensure_future(self._watch_node(run))
         await asyncio.wait({stream, silent}, return_when=asyncio.FIRST_COMPLETED)
         silent.cancel()
@@ -259,19 +314,39 @@ class Bridge:
             elif loop.time() - answered >= self.node_timeout_s:
                 return
 
-    async def _stream(self, run: _Run, command: dict[str, Any]) -> dict[str, Any]:
+    async def _stream(self, run: _Run, submitted: asyncio.Future[Any]) -> dict[str, Any]:
         try:
-            run.gen = await asyncio.to_thread(self._submit, command)
+            run.gen = await submitted
             if run.cancel_grace is not None:  # cancelled while submitting
                 await self._cancel(run, run.cancel_grace)
             async for ref in run.gen:
-                kind, payload = await ref
+                kind, payload = await self._value(ref)
                 await self._chunk(run, kind, payload)
         except Exception as e:
             return self._failure(run, e)
         if run.exit is None:
             return self._note(run, "ended without an exit status", Reason.ENGINE_ERROR)
         return run.exit
+
+    async def _value(self, ref: Any) -> Any:
+        """A streamed item. Small ones (all of ray_node's) come inline with the report that
+        the item is ready: a get without waiting spares a round trip through Ray's threads."""
+        try:
+            return self.ray.get(ref, timeout=0)
+        except self.ray.exceptions.GetTimeoutError:
+            return await ref
+
+    def _submit_soon(self, command: dict[str, Any]) -> asyncio.Future[Any]:
+        """The streaming generator of the attempt. Submitting takes well under a millisecond
+        and happens here; packing a directory to upload can take seconds, in a thread."""
+        if command["upload"]:
+            return asyncio.ensure_future(asyncio.to_thread(self._submit, command))
+        submitted = asyncio.get_running_loop().create_future()
+        try:
+            submitted.set_result(self._submit(command))
+        except Exception as e:
+            submitted.set_exception(e)
+        return submitted
 
     def _submit(self, command: dict[str, Any]) -> Any:
         options = {
@@ -292,11 +367,13 @@ class Bridge:
             run.control = (host, port, token)
             run.state.update(node=payload, control=[host, port], token=token)
             run.save()
-            _emit(self.events, {"ev": "running", "key": run.key, "node": payload})
+            self._event({"ev": "running", "key": run.key, "node": payload})
             if run.cancel_grace is not None:
                 await self._cancel(run, run.cancel_grace)
             elif run.lending:
                 await self._lend(run, True)
+        elif kind in ("usage", "times"):  # what it used, where the server reads it
+            run.measured(kind, payload)
         elif kind == "exit":
             run.exit = payload
 
@@ -314,7 +391,7 @@ class Bridge:
         return self._note(run, f"could not submit it: {_one_line(e)}", Reason.ENGINE_ERROR)
 
     def _note(self, run: _Run, text: str, reason: Reason) -> dict[str, Any]:
-        run.stderr.write(f"velda: ray {text}\n".encode())
+        run.append("stderr", f"velda: ray {text}\n".encode())
         return {"code": None, "signal": None, "reason": reason.value}
 
     async def _signal(self, run: _Run, signum: int) -> None:

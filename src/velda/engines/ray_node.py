@@ -1,7 +1,8 @@
 """What runs on a Ray node: one attempt of a velda task, inside a Ray worker.
 
 The bridge (ray_bridge.py) registers this module to be pickled by value, so a node needs ray
-and the standard library only, no velda install: nothing here may import velda.
+and the standard library only, no velda install: nothing here may import velda but
+proc_tree.py, which the bridge registers by value too.
 
 `run_attempt` is a streaming generator task. It starts the argv in a new session with pipes
 for stdout and stderr, in the submitter's cwd (`workdir = "shared"`) or in a fresh copy of it
@@ -9,7 +10,9 @@ unpacked from a tarball the bridge put in the object store (`workdir = "upload"`
 what happens: a "start" record, the output in chunks, then the exit status. A small TCP
 control port lets the bridge signal the process group (Ray's own `cancel` cannot deliver a
 chosen signal, and with `force=False` it does not interrupt a process wait). A `/bin/sh`
-guard kills the process group when the worker goes away, even by SIGKILL.
+guard kills the process group when the worker goes away, even by SIGKILL. A worker keeps its
+control port and its guard for all the attempts it runs: started once, they cost a short
+command nothing.
 """
 
 from __future__ import annotations
@@ -27,18 +30,22 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any
 
+from velda.engines.proc_tree import sample_line, times_text, tree_figures
+
 _READ_SIZE = 96 * 1024  # a chunk stays under Ray's 100 KiB inline limit: no object store
 _PIPE_SIZE = 1024 * 1024
 _LINGER_S = 0.005
 _DRAIN_S = 1.0  # how long the pipes may stay open after the command exits
 _LEND_WAIT_S = 0.05  # while lending, output is read between waits this long
+USAGE_INTERVAL_S = 1.0  # as the server samples local attempts (server/usage.py)
 
 
 def run_attempt(
     argv: list[str], cwd: str, env: dict[str, str], archive: bytes | None,
     terminal: list[int] | None = None,
 ) -> Iterator[tuple[str, Any]]:
-    """Yields ("start", info), then ("stdout"|"stderr", bytes) chunks, then ("exit", status).
+    """Yields ("start", info), then ("stdout"|"stderr", bytes) chunks with ("usage", line)
+    samples of what it uses among them, then ("times", its CPU totals) and ("exit", status).
     With a terminal [rows, cols], the command runs on a pseudo-terminal of that size: its
     whole session comes as "stdout", and the control port types into it."""
     import shutil
@@ -58,28 +65,30 @@ def _run_in(
     node_ip = ray.util.get_node_ip_address()
     context = ray.get_runtime_context()
     env = _node_env(env, cwd, context.gcs_address, bool(context.get_accelerator_ids().get("GPU")))
-    guard = _GroupGuard()  # it starts while the command does
+    guard = _guard()  # before the command starts: the worker's own, started once
     master = _Terminal(terminal) if terminal else None
+    usage = _Usage()  # before the command starts: what the worker's children used until now
     proc, error = _spawn(argv, cwd, env, node_ip, master)
     if proc is None:
-        guard.close()
         if master is not None:
             master.close()
         yield ("stderr", error[0].encode())
         yield ("exit", _status(error[1]))
         return
+    guard = guard.watch(proc.pid)
     control = _Control(proc.pid, node_ip, master)
-    guard.watch(proc.pid)
     try:
-        node_id = ray.get_runtime_context().get_node_id()
+        node_id = context.get_node_id()
         yield ("start", {"node_ip": node_ip, "node_id": node_id, "pid": proc.pid,
                          "control": [node_ip, control.port], "token": control.token})
-        yield from _pump(proc, _Lender(ray, control), master)
+        usage.leader = proc.pid
+        yield from _pump(proc, _Lender(ray, control), master, usage)
+        yield ("times", usage.totals())
         yield ("exit", _status(proc.returncode))
     finally:
         control.close()
-        guard.close()
         _killpg(proc.pid, signal.SIGKILL)
+        guard.forget(proc.pid)  # before the wait: until then, no other group can take its ID
         proc.wait()
         if master is not None:
             master.close()
@@ -214,9 +223,10 @@ def _status(returncode: int) -> dict[str, Any]:
 
 
 def _pump(
-    proc: subprocess.Popen[bytes], lender: _Lender, terminal: _Terminal | None
-) -> Iterator[tuple[str, bytes]]:
-    """The process's output in order per stream, until both pipes (or its terminal) close."""
+    proc: subprocess.Popen[bytes], lender: _Lender, terminal: _Terminal | None, usage: _Usage
+) -> Iterator[tuple[str, bytes | str]]:
+    """The process's output in order per stream, until both pipes (or its terminal) close,
+    with a usage sample (a line of text) now and then."""
     import time
 
     output = _Output(proc, terminal)
@@ -225,6 +235,9 @@ def _pump(
         chunks, idle = output.read(0.0 if lender.wait() else None)
         for chunk in chunks:  # not `yield from`: Ray calls send() on this generator
             yield chunk
+        sample = usage.sample_if_due()
+        if sample is not None:
+            yield ("usage", sample)
         if idle:
             deadline = _drain_deadline(proc, deadline)
             if deadline is not None and time.monotonic() > deadline + _DRAIN_S:
@@ -301,6 +314,38 @@ class _Output:
         return chunks
 
 
+class _Usage:
+    """What the attempt uses, measured on its node as the server measures a local attempt
+    (proc_tree.py): a sample of its process tree every USAGE_INTERVAL_S, the first at once,
+    and its exact CPU totals at the end from what this worker's children used meanwhile (a
+    worker runs one attempt at a time; its command is the only child it reaps)."""
+
+    def __init__(self) -> None:
+        import resource
+
+        self.leader: int | None = None  # the command, once started
+        self.spent = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.next_at = 0.0
+
+    def sample_if_due(self) -> str | None:
+        """A line of the attempt's `usage` file, when one is due."""
+        import time
+
+        now = time.monotonic()
+        if self.leader is None or now < self.next_at:
+            return None
+        self.next_at = now + USAGE_INTERVAL_S
+        figures = tree_figures(self.leader)
+        return None if figures is None else sample_line(time.time(), figures)
+
+    def totals(self) -> str:
+        """The attempt's `times` file: the CPU seconds its command and all it reaped used."""
+        import resource
+
+        now = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return times_text(now.ru_utime - self.spent.ru_utime, now.ru_stime - self.spent.ru_stime)
+
+
 def _drain_deadline(proc: subprocess.Popen[bytes], deadline: float | None) -> float | None:
     """Once the command has exited, processes it left behind holding the pipes get _DRAIN_S
     before the group is killed: the attempt ends with its command."""
@@ -343,8 +388,8 @@ class _Lender:
 
 
 class _Control:
-    """A TCP port on the node through which the bridge signals the attempt's process group
-    and says when to lend its CPUs."""
+    """What the bridge may do to one attempt through its worker's control port: signal its
+    process group, say when to lend its CPUs, type into its terminal."""
 
     def __init__(self, pgid: int, host: str, terminal: _Terminal | None = None) -> None:
         import secrets
@@ -353,38 +398,13 @@ class _Control:
         self.pgid = pgid
         self.terminal = terminal
         self.token = secrets.token_hex(16)
-        self.sock = socket.create_server((host, 0))
-        self.sock.settimeout(0.5)
-        self.port: int = self.sock.getsockname()[1]
-        self.stopped = threading.Event()
         self.lending = threading.Event()
         self.timers: list[threading.Timer] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.port_server = _port(host)
+        self.port = self.port_server.port
+        self.port_server.attempts[self.token] = self
 
-    def _serve(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                self._answer(conn)
-
-    def _answer(self, conn: socket.socket) -> None:
-        import hmac
-
-        conn.settimeout(5)
-        try:
-            request = json.loads(conn.makefile("rb").readline())
-            if hmac.compare_digest(str(request.get("token")), self.token):
-                self._act(request)
-                conn.sendall(b"ok\n")
-        except (OSError, ValueError, KeyError, TypeError):
-            return
-
-    def _act(self, request: dict[str, Any]) -> None:
+    def act(self, request: dict[str, Any]) -> None:
         import threading
 
         if request["op"] == "signal":
@@ -405,35 +425,108 @@ class _Control:
             self.timers.append(timer)
 
     def close(self) -> None:
-        self.stopped.set()
-        self.sock.close()
+        self.port_server.attempts.pop(self.token, None)
         for timer in self.timers:
             timer.cancel()
 
 
-class _GroupGuard:
-    """A /bin/sh that kills the process group once this worker closes the pipe it waits on,
-    or dies: a Ray worker killed with its node or its owner must not leave the command
-    running. It is a grandchild, not a child: a dying Ray worker kills its own children
-    (the command's leader among them), which would take the guard along and leave the rest
-    of the group running."""
+class _ControlPort:
+    """A TCP port on the node, one per worker for all the attempts it runs (a port and a
+    thread per attempt cost more than a short command): a request names its attempt by the
+    attempt's token."""
 
-    _SCRIPT = ('exec 3<&0; (read pgid <&3 && read x <&3; [ -n "$pgid" ] && kill -9 -"$pgid")'
-               ' >/dev/null 2>&1 &')
+    def __init__(self, host: str) -> None:
+        import threading
+
+        self.sock = socket.create_server((host, 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.attempts: dict[str, _Control] = {}  # by token
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        import hmac
+
+        conn.settimeout(5)
+        try:
+            request = json.loads(conn.makefile("rb").readline())
+            token = str(request.get("token"))
+            for known, control in list(self.attempts.items()):
+                if hmac.compare_digest(token, known):
+                    control.act(request)
+                    conn.sendall(b"ok\n")
+                    return
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+
+
+_PORTS: dict[str, _ControlPort] = {}  # this worker's control port, by host
+
+
+def _port(host: str) -> _ControlPort:
+    if host not in _PORTS:
+        _PORTS[host] = _ControlPort(host)
+    return _PORTS[host]
+
+
+class _GroupGuard:
+    """A /bin/sh that kills the process groups it was given once this worker closes the pipe
+    it reads, or dies: a Ray worker killed with its node or its owner must not leave a
+    command running. One per worker, for all the attempts it runs (a shell per attempt costs
+    more than a short command): "+ID" adds a group, "-ID" forgets one that ended. It is a
+    grandchild, not a child: a dying Ray worker kills its own children (the command's leader
+    among them), which would take the guard along and leave the rest of the group running."""
+
+    _SCRIPT = (
+        'exec 3<&0; ('
+        'groups=" "; while read -r line <&3; do case $line in'
+        ' +*) groups="$groups${line#+} " ;;'
+        ' -*) g=${line#-}; case $groups in *" $g "*)'
+        ' groups="${groups%%" $g "*} ${groups#*" $g "}" ;; esac ;;'
+        ' esac; done; for g in $groups; do kill -9 -"$g"; done'
+        ') >/dev/null 2>&1 &'
+    )
 
     def __init__(self) -> None:
         read_end, self.write_end = os.pipe()
-        self.starter = subprocess.Popen(
+        starter = subprocess.Popen(
             ["/bin/sh", "-c", self._SCRIPT], stdin=read_end, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True,
         )
         os.close(read_end)
+        starter.wait()  # once it returns, the guard runs apart from this worker
 
-    def watch(self, pgid: int) -> None:
-        """Guard this group. Once this returns, the guard runs apart from this worker."""
-        os.write(self.write_end, b"%d\n" % pgid)
-        self.starter.wait()
+    def watch(self, pgid: int) -> _GroupGuard:
+        """Guard this group; the guard that does it (a new one if this one is gone)."""
+        if self._say(b"+%d\n" % pgid):
+            return self
+        _GUARDS.clear()
+        return _guard().watch(pgid)
 
-    def close(self) -> None:
-        os.close(self.write_end)
-        self.starter.wait()
+    def forget(self, pgid: int) -> None:
+        """The group is killed: its ID may go to another group once its leader is reaped."""
+        self._say(b"-%d\n" % pgid)
+
+    def _say(self, line: bytes) -> bool:
+        try:
+            os.write(self.write_end, line)
+        except OSError:  # EPIPE: someone killed the guard
+            return False
+        return True
+
+
+_GUARDS: list[_GroupGuard] = []  # this worker's guard
+
+
+def _guard() -> _GroupGuard:
+    if not _GUARDS:
+        _GUARDS.append(_GroupGuard())
+    return _GUARDS[0]

@@ -19,6 +19,14 @@ cancelled and reported lost, however long Slurm takes to notice.
 
 Jobs are named `velda-ID.ATTEMPT` (an array `velda-PARENT.ATTEMPT.shards`), so that `adopt`
 finds a job that was submitted just before the server died, before its handle was stored.
+
+The batch script writes the name of its node to `node`; the engine reports the job running
+once it knows that node's address (Slurm's NodeAddr, from sinfo), where the server reaches the
+task's ports (`host_of`, forwarded ports) and its terminal. A task under a terminal runs under
+terminal_host.py's keeper on its node, which publishes a TCP port and a token in the attempt
+directory; `terminal()` sends the keys there. Its exit is reported once the keeper has copied
+the last of the session into the log (it removes its file as it ends), so a follower sees all
+of the output before the exit.
 """
 
 from __future__ import annotations
@@ -29,12 +37,14 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from velda.engines import terminal_host
 from velda.engines.base import (
     EngineError,
     EngineEvents,
@@ -44,7 +54,13 @@ from velda.engines.base import (
     StartResult,
 )
 from velda.engines.slurm_cli import Accounted, SlurmCommands
-from velda.engines.status_file import WRAPPER, exit_from_status, read_int, unusable_env
+from velda.engines.status_file import (
+    WRAPPER,
+    exit_from_status,
+    read_int,
+    read_word,
+    unusable_env,
+)
 from velda.models import Exit, Pool, Reason, Resources
 
 log = logging.getLogger("velda.engines.slurm")
@@ -55,6 +71,7 @@ INVENTORY_TTL_S = 2.0  # pages that poll /pools, however many, ask sinfo this of
 GONE_GRACE_S = 3.0  # a job gone from the queue may take this long to show its status file
 HEARTBEAT_S = 5
 NODE_TIMEOUT_S = 30.0  # default of the pool's `node_timeout`
+KEEPER_WAIT_S = terminal_host.DRAIN_S + 1.0  # a terminal keeper's own deadline, and a margin
 # States in which a job has not started yet, or runs; any other state (or none) means it ended.
 WAITING = frozenset({"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                      "RESIZING", "SUSPENDED", "STOPPED"})
@@ -75,6 +92,8 @@ class _Job:
     gone_since: float | None = None
     beat: float | None = None  # the heartbeat file's mtime when last seen changing
     beat_seen: float = 0.0  # monotonic time of that
+    host: str | None = None  # the address of its node, once it runs there
+    status_seen: float | None = None  # monotonic time its status file was first seen
 
 
 class SlurmEngine:
@@ -90,7 +109,7 @@ class SlurmEngine:
     places_work = True
     writes_log_index = False  # the server indexes the log files as they grow
     samples_here = False  # on the nodes; the wrapper's `times` still gives the CPU totals
-    gives_terminals = False  # a job's stdin is not reachable from the server (docs/engines.md)
+    gives_terminals = True  # through a keeper on the node (terminal_host.py `serve`)
 
     def __init__(self, pool: Pool, events: EngineEvents) -> None:
         self.pool = pool
@@ -105,6 +124,8 @@ class SlurmEngine:
         self._checked: dict[object, float] = {}  # partition -> when sinfo last showed it
         self._inventory: dict[object, tuple[float, dict[str, Any]]] = {}  # partition -> (when, it)
         self._jobs: dict[str, _Job] = {}  # by job spec: "123", or "123_4" for an array task
+        self._addresses: dict[str, str] = {}  # node name -> NodeAddr
+        self._addresses_at = -math.inf  # when sinfo last gave them
         self._poller: asyncio.Task[None] | None = None
 
     def capacity(self) -> Resources:
@@ -174,11 +195,25 @@ class SlurmEngine:
         return [results[i] for i in range(len(launches))]
 
     async def terminal(self, handle: Handle, data: bytes, size: tuple[int, int] | None) -> None:
-        raise EngineError("a Slurm job runs without a terminal")
+        """Keys for the keeper of the job's terminal on its node. Before the keeper is up
+        this fails, and vrun offers the keys again (cli/terminal.py): none are lost."""
+        job = self._jobs.get(str(handle.get("job")))
+        if job is None:
+            raise EngineError("its terminal is closed: the task has ended")
+        published = terminal_host.read_published(job.attempt_dir)
+        await self._locate(job)
+        if published is None or job.host is None:
+            raise EngineError("its terminal is not up yet")
+        port, token = published
+        if not await terminal_host.send_over_tcp(job.host, port, token, data, size):
+            raise EngineError(f"its terminal at {job.host} port {port} does not answer")
 
     def host_of(self, handle: Handle) -> str:
-        raise EngineError("port-forward: a Slurm job's node is not tracked; "
-                          "not on Slurm pools yet")
+        """The address of the job's node (NodeAddr), known once it is reported running."""
+        job = self._jobs.get(str(handle.get("job")))
+        if job is None or job.host is None:
+            raise EngineError("the Slurm node of this attempt is not known yet")
+        return job.host
 
     async def signal(self, handle: Handle, signum: int) -> None:
         job = handle.get("job")
@@ -215,6 +250,7 @@ class SlurmEngine:
                 return
             raise NotStartedError(task_id)
         self._watch(launch, spec, str(name), running=bool(handle.get("running")))
+        await self._locate(self._jobs[spec])  # its forwarded ports work again at once
 
     async def lend_cpus(self, handle: Handle, on: bool) -> None:
         return None  # a Slurm allocation cannot be lent
@@ -248,7 +284,7 @@ class SlurmEngine:
     async def _submit(self, launch: Launch, name: str, script: Path, out: Path,
                       extra: list[str]) -> str:
         return await self.slurm.sbatch([
-            f"--job-name={name}", f"--chdir={launch.cwd}", f"--output={out}", "--export=NONE",
+            f"--job-name={name}", f"--chdir={launch.cwd}", f"--output={out}",
             "--no-requeue", *sbatch_options(launch), *extra, str(script)])
 
     async def _find_by_name(self, launch: Launch) -> tuple[str | None, str | None]:
@@ -292,14 +328,17 @@ class SlurmEngine:
         code = read_int(job.attempt_dir / "status")
         if code is not None:
             self._started(job)
-            self._end(spec, job, exit_from_status(code))
+            if self._drained(job):
+                self._end(spec, job, exit_from_status(code))
             return False
         state = None if states is None else states.get(spec)
         if states is None or state in WAITING:
             return False
         if state in RUNNING:
             job.gone_since = None
-            self._started(job)
+            await self._locate(job)
+            if job.host is not None:  # its ports and terminal can be reached from now on
+                self._started(job)
             if self._heartbeat_stopped(job):
                 await self.slurm.scancel("--signal=KILL", "--full", spec)
                 self._end(spec, job, Exit(None, None, Reason.LOST, (
@@ -321,6 +360,35 @@ class SlurmEngine:
             if job is not None:
                 self._end(spec, job, _exit_without_status(
                     spec, state, job.cancelled, accounted.get(spec)))
+
+    async def _locate(self, job: _Job) -> None:
+        """Learn the address of the job's node, from the name its batch script wrote."""
+        if job.host is None:
+            node = read_word(job.attempt_dir / "node")
+            if node:
+                job.host = await self._address_of(node)
+
+    async def _address_of(self, node: str) -> str | None:
+        """The node's NodeAddr, from sinfo (asked again for a node it did not list, at most
+        every INVENTORY_TTL_S: None meanwhile); the node's name where sinfo cannot tell."""
+        if node not in self._addresses:
+            if time.monotonic() - self._addresses_at < INVENTORY_TTL_S:
+                return None
+            self._addresses_at = time.monotonic()
+            try:
+                self._addresses = await self.slurm.node_addresses()
+            except EngineError as e:
+                log.warning("%s", e)
+        return self._addresses.get(node, node)
+
+    @staticmethod
+    def _drained(job: _Job) -> bool:
+        """Whether the keeper of the job's terminal, if it has one, has ended (it removes
+        its published file then), or had KEEPER_WAIT_S since the status appeared."""
+        now = time.monotonic()
+        job.status_seen = job.status_seen or now
+        return (not (job.attempt_dir / terminal_host.PUBLISHED).exists()
+                or now - job.status_seen >= KEEPER_WAIT_S)
 
     def _heartbeat_stopped(self, job: _Job) -> bool:
         """Whether the heartbeat file has not changed for node_timeout_s, by the server's
@@ -429,6 +497,27 @@ def sbatch_options(launch: Launch) -> list[str]:
     return args + [str(arg) for arg in extra]
 
 
+def _run_plain(launch: Launch, env: str, wrapper: list[str]) -> str:
+    return (f"/usr/bin/env -- {env} {shlex.join(wrapper)} </dev/null"
+            f" >>{shlex.quote(str(launch.stdout_path))}"
+            f" 3>>{shlex.quote(str(launch.stderr_path))} 2>/dev/null\n")
+
+
+def _run_under_terminal(launch: Launch, env: str, wrapper: list[str]) -> str:
+    """The wrapper under terminal_host.py's keeper, copied beside the script (the node may
+    have no velda installed), run by the task's own `python3`: the session goes into the
+    stdout log, what the keeper itself has to say (python3 not found) into the stderr log."""
+    assert launch.terminal is not None
+    keeper = launch.attempt_dir / "terminal_host.py"
+    shutil.copyfile(terminal_host.__file__, keeper)
+    rows, cols = launch.terminal
+    argv = ["python3", "-I", "-S", str(keeper), "serve", str(launch.attempt_dir), str(rows),
+            str(cols), *wrapper]
+    return (f"/usr/bin/env -- {env} {shlex.join(argv)} </dev/null"
+            f" >>{shlex.quote(str(launch.stdout_path))}"
+            f" 2>>{shlex.quote(str(launch.stderr_path))}\n")
+
+
 def _task_env(launch: Launch) -> dict[str, str]:
     env = {k: v for k, v in launch.env.items() if not k.startswith(_SLURM_OWN)}
     if launch.server_home is not None:
@@ -441,27 +530,30 @@ def _task_env(launch: Launch) -> dict[str, str]:
 
 
 def _write_job_script(launch: Launch) -> Path:
-    """The attempt's batch script: a heartbeat in the background, and the status-file wrapper
-    in the task's environment (on top of what Slurm sets in the job) with the log files on
-    fd 1 and 3. Its traps keep it alive through the signals velda forwards to the command."""
+    """The attempt's batch script: a heartbeat in the background, the name of its node in
+    `node`, and the status-file wrapper in the task's environment (on top of what Slurm sets
+    in the job) with the log files on fd 1 and 3, or under a terminal. Its traps keep it
+    alive through the signals velda forwards to the command."""
     d = shlex.quote(str(launch.attempt_dir))
     env = " ".join(shlex.quote(f"{k}={v}") for k, v in _task_env(launch).items())
-    command = " ".join(shlex.quote(arg) for arg in
-                       ["/bin/sh", "-c", WRAPPER, "velda-task", str(launch.attempt_dir),
-                        launch.cwd, *launch.argv])
+    wrapper = ["/bin/sh", "-c", WRAPPER, "velda-task", str(launch.attempt_dir), launch.cwd,
+               *launch.argv]
+    run = (_run_plain(launch, env, wrapper) if launch.terminal is None
+           else _run_under_terminal(launch, env, wrapper))
     text = (
         f"#!/bin/sh\n# velda task {launch.task_id}, attempt {launch.attempt}\n"
         "trap : INT TERM HUP QUIT USR1 USR2\n"
-        'PATH=${PATH:-/usr/bin:/bin}  # for sleep: the job starts with Slurm\'s variables only\n'
+        'PATH=${PATH:-/usr/bin:/bin}  # for sleep, whatever sbatch was given\n'
         "( trap : INT TERM HUP QUIT USR1 USR2\n"
         f"  while :; do : > {d}/heartbeat; sleep {HEARTBEAT_S}; done\n"
         ") </dev/null >/dev/null 2>&1 &\n"
         "beat=$!\n"
-        f"/usr/bin/env -- {env} {command} </dev/null"
-        f" >>{shlex.quote(str(launch.stdout_path))} 3>>{shlex.quote(str(launch.stderr_path))}"
-        " 2>/dev/null\n"
-        "s=$?\nkill -KILL $beat\nexit $s\n"
+        f'echo "${{SLURMD_NODENAME:-$(uname -n)}}" > {d}/node\n'
+        f"{run}s=$?\n"
     )
+    if launch.terminal is not None:  # its wrapper never ran: no status but the keeper's
+        text += f"[ -e {d}/pid ] || echo $s > {d}/status\n"
+    text += "kill -KILL $beat\nexit $s\n"
     script = launch.attempt_dir / "job.sh"
     try:
         script.write_bytes(os.fsencode(text))

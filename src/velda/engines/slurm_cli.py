@@ -20,6 +20,11 @@ from velda.engines.base import EngineError
 log = logging.getLogger("velda.engines.slurm")
 
 CLI_TIMEOUT_S = 30.0
+# All that sbatch gets of the server's environment, and so all a job inherits of it (Slurm's
+# default --export=ALL); the job script sets the task's own environment on top. Not
+# --export=NONE: with it Slurm builds the job's environment on the node as a login does, which
+# delayed each job's start by up to a second (bench/slurm_bench.py).
+_SBATCH_ENV = ("PATH", "SLURM_CONF", "HOME", "USER", "LOGNAME", "LANG")
 
 
 @dataclass(frozen=True)
@@ -51,14 +56,16 @@ class Accounted:
 class SlurmCommands:
     def __init__(self, slurm_conf: str | None = None) -> None:
         self.env = {**os.environ, "SLURM_CONF": slurm_conf} if slurm_conf else None
+        base = self.env or os.environ
+        self.sbatch_env = {key: base[key] for key in _SBATCH_ENV if key in base}
         self.accounting = True  # until sacct says this cluster keeps none
 
-    async def run(self, *argv: str) -> tuple[int, str, str]:
+    async def run(self, *argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
         """A Slurm command's exit status, stdout, and the last line of its stderr."""
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env=self.env)
+                stderr=asyncio.subprocess.PIPE, env=env or self.env)
         except OSError as e:
             raise EngineError(f"cannot run {argv[0]}: {e.strerror} (is the Slurm client on"
                               " the server's PATH?)") from e
@@ -73,7 +80,7 @@ class SlurmCommands:
 
     async def sbatch(self, args: Sequence[str]) -> str:
         """Submit a batch job; its job id."""
-        rc, out, err = await self.run("sbatch", "--parsable", *args)
+        rc, out, err = await self.run("sbatch", "--parsable", *args, env=self.sbatch_env)
         if rc != 0:
             raise EngineError(f"sbatch: {err}")
         return out.strip().split(";")[0]
@@ -99,6 +106,14 @@ class SlurmCommands:
         if rc != 0:
             raise EngineError(f"slurmctld is not reachable: {err}")
         return [_parse_node(line) for line in out.splitlines() if line.count("|") >= 5]
+
+    async def node_addresses(self) -> dict[str, str]:
+        """node name -> the address Slurm reaches it at (NodeAddr), for every node; one sinfo."""
+        rc, out, err = await self.run("sinfo", "-h", "-N", "-o", "%N|%o")
+        if rc != 0:
+            raise EngineError(f"slurmctld is not reachable: {err}")
+        pairs = (line.strip().split("|") for line in out.splitlines() if line.count("|") == 1)
+        return {name: address for name, address in pairs if name and address}
 
     async def queue_states(self, specs: Sequence[str]) -> dict[str, str]:
         """job spec ("123", or "123_4" for an array task) -> state, for those of `specs`

@@ -18,6 +18,7 @@ import os
 import re
 from pathlib import Path
 
+from velda.engines.proc_tree import TIMES
 from velda.models import Exit
 
 _TIME = re.compile(rb"(\d+)m([\d.]+)s")
@@ -66,16 +67,24 @@ def exit_from_status(code: int) -> Exit:
 
 
 def read_int(path: Path) -> int | None:
-    """The number in a file the task's side wrote, or None (absent, blank, not a number).
-    A symlink or a FIFO there must not make the server read another file or block (a pool's
-    task user owns these files)."""
+    """The number in a file the task's side wrote, or None (absent, blank, not a number)."""
+    try:
+        return int(read_word(path) or "")
+    except ValueError:
+        return None
+
+
+def read_word(path: Path) -> str | None:
+    """The first 64 bytes of a file the task's side wrote, stripped, or None where it cannot
+    be read. A symlink or a FIFO there must not make the server read another file or block
+    (a pool's task user owns these files)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
-        return int(os.read(fd, 64).strip())
-    except (OSError, ValueError):
+        return os.read(fd, 64).decode(errors="replace").strip()
+    except OSError:
         return None
     finally:
         os.close(fd)
@@ -85,7 +94,7 @@ def read_times(attempt_dir: Path) -> tuple[float, float] | None:
     """The user and system CPU seconds of an ended attempt's command and what it reaped, from
     the `times` its wrapper wrote; None if it wrote none (it was killed, or still runs)."""
     try:
-        fd = os.open(attempt_dir / "times", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(attempt_dir / TIMES, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:

@@ -1,4 +1,4 @@
-"""The keeper of a local task's terminal, and how the server talks to it.
+"""The keeper of a task's terminal (local and Slurm engines), and how the server talks to it.
 
 A task run under a terminal (`vrun` at a terminal) has a pseudo-terminal as its stdin, stdout
 and stderr. Whoever holds the terminal's other side (the master) must outlive the server: when
@@ -17,7 +17,17 @@ the standard library only (`python -I -S terminal_host.py SOCKET_PATH PID`, no v
 
 On that socket one connection carries one request: frames of a kind byte (INPUT or RESIZE),
 a 4-byte big-endian length and the payload; the keeper applies them once the sender shuts its
-side, then closes the connection: that close is the answer.
+side, answers `ok` and closes the connection.
+
+On a Slurm node no server is there to open the terminal, so the attempt's batch script runs
+this same file, copied into the attempt directory (the node may have no velda installed):
+`python3 -I -S terminal_host.py serve ATTEMPT_DIR ROWS COLS ARGV...`. It opens a terminal of
+that size, starts ARGV (the status-file wrapper) on it, keeps it as above, and listens on a TCP
+port of the node, on all its addresses, instead of a Unix socket. That port and a random token
+are published in `terminal.json` in the attempt directory (0600, in a 0700 directory on the
+filesystem the server shares with the nodes); a request there must start with the token, or it
+is dropped unanswered. The keeper exits with the wrapper's status once it has copied the last
+of the session, and removes `terminal.json` as it ends.
 """
 
 from __future__ import annotations
@@ -26,21 +36,37 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import hmac
+import json
 import os
 import selectors
+import signal
 import socket
 import struct
 import sys
 import termios
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 SOCKET = "terminal.sock"
+PUBLISHED = "terminal.json"
 INPUT, RESIZE = b"i", b"w"
+OK = b"ok"
 _HEADER = struct.Struct("!cI")
 _MAX_PENDING = 4 << 20  # typed input the task has not read yet, beyond which it is dropped
 _MAX_REQUEST = 1 << 20
 DRAIN_S = 1.0
+_MAX_PUBLISHED = 4096
+# Slurm sends a signal to every process of a job (`scancel --signal=N --full`): the keeper on a
+# node ignores those, as the batch script and the wrapper do, so that it copies what the task
+# writes as it handles them. Its command starts with every signal at its default.
+_JOB_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                signal.SIGUSR1, signal.SIGUSR2)
+_DEFAULT_SIGNALS = (*_JOB_SIGNALS, signal.SIGPIPE, signal.SIGTSTP, signal.SIGTTIN,
+                    signal.SIGTTOU, signal.SIGCHLD, signal.SIGALRM)
+
+_Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
 def set_size(fd: int, rows: int, cols: int) -> None:
@@ -58,17 +84,50 @@ def frames(data: bytes, size: tuple[int, int] | None) -> bytes:
 async def send(sock_path: Path, data: bytes, size: tuple[int, int] | None) -> bool:
     """Type `data` into (and resize) the terminal kept for an attempt; False if no keeper
     answers there (the task has ended)."""
+    answer = await _request(lambda: asyncio.open_unix_connection(str(sock_path)),
+                            frames(data, size))
+    return answer is not None  # a keeper of an earlier version closes without a word
+
+
+async def send_over_tcp(host: str, port: int, token: str, data: bytes,
+                        size: tuple[int, int] | None) -> bool:
+    """The same for a keeper on a node (`serve`); False unless it answers `ok`."""
+    answer = await _request(lambda: asyncio.open_connection(host, port),
+                            token.encode() + frames(data, size))
+    return answer == OK
+
+
+async def _request(connect: _Connect, request: bytes) -> bytes | None:
+    """The keeper's answer to one request, or None if none came within 5 s."""
     try:
         async with asyncio.timeout(5):
-            reader, writer = await asyncio.open_unix_connection(str(sock_path))
+            reader, writer = await connect()
             with contextlib.closing(writer):
-                writer.write(frames(data, size))
+                writer.write(request)
                 writer.write_eof()
                 await writer.drain()
-                await reader.read()  # closed once applied
-        return True
+                return await reader.read()  # sent once applied, then closed
     except (OSError, TimeoutError):
-        return False
+        return None
+
+
+def read_published(attempt_dir: Path) -> tuple[int, str] | None:
+    """The port and token a keeper on a node published, or None while there are none (it has
+    not started yet, or has ended). The file is the task's side's: no link is followed."""
+    try:
+        fd = os.open(attempt_dir / PUBLISHED, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        published = json.loads(os.read(fd, _MAX_PUBLISHED))
+        port, token = published["port"], published["token"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    finally:
+        os.close(fd)
+    if not isinstance(port, int) or not isinstance(token, str):
+        return None
+    return port, token
 
 
 def listen(sock_path: Path) -> socket.socket:
@@ -86,11 +145,17 @@ def listen(sock_path: Path) -> socket.socket:
 
 
 class _Keeper:
-    def __init__(self, sock_path: Path, command_pid: int) -> None:
-        self.master, self.log = 0, 1
+    """Holds the terminal's master side: its output into the log on fd 1, requests from the
+    listener into it. `token` starts every request (empty on the server's Unix socket);
+    `ours` is removed at the end (the socket, or the published file)."""
+
+    def __init__(self, master: int, listener: socket.socket, token: bytes, command_pid: int,
+                 ours: Path) -> None:
+        self.master, self.log = master, 1
         os.set_blocking(self.master, False)
-        self.sock_path = sock_path
-        self.listener = socket.socket(fileno=3)
+        self.ours = ours
+        self.listener = listener
+        self.token = token
         self.listener.setblocking(False)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.master, selectors.EVENT_READ, self._output)
@@ -110,7 +175,7 @@ class _Keeper:
                 pass
         finally:
             with contextlib.suppress(OSError):
-                self.sock_path.unlink()
+                self.ours.unlink()
 
     def _step(self) -> bool:
         timeout = None if self.ended_at is None else self.ended_at + DRAIN_S - time.monotonic()
@@ -157,8 +222,12 @@ class _Keeper:
             return
         self.selector.unregister(conn)
         del self.requests[conn]
-        self._apply(bytes(buffer))
-        conn.close()  # the answer: applied
+        request = bytes(buffer)
+        if hmac.compare_digest(request[:len(self.token)], self.token):
+            self._apply(request[len(self.token):])
+            with contextlib.suppress(OSError):
+                conn.send(OK)
+        conn.close()
 
     def _apply(self, request: bytes) -> None:
         at = 0
@@ -207,5 +276,68 @@ def _write_all(fd: int, data: bytes) -> None:
             return  # a full disk: the server's own checks say so; the task keeps running
 
 
+def serve(attempt_dir: Path, rows: int, cols: int, argv: list[str]) -> int:
+    """On a node: start argv on a new terminal of rows x cols, keep that terminal with a TCP
+    listener published in the attempt directory, and return argv's exit status."""
+    for signum in _JOB_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    master, slave = os.openpty()
+    set_size(master, rows, cols)
+    listener = _listen_on_all_addresses()
+    token = os.urandom(16).hex()
+    published = attempt_dir / PUBLISHED
+    # before the command starts: while the file is there, the engine holds back the exit
+    _publish(published, listener.getsockname()[1], token)
+    try:
+        pid = _start_on(slave, argv)
+    except OSError as e:
+        published.unlink()
+        print(f"velda: cannot start {argv[0]}: {e.strerror}", file=sys.stderr)
+        return 127
+    finally:
+        os.close(slave)  # the command's now: the keeper sees EIO once no one holds it
+    _Keeper(master, listener, token.encode(), pid, published).run()
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
+
+
+def _listen_on_all_addresses() -> socket.socket:
+    """The server reaches the node at the address Slurm knows it by, which may be any of the
+    node's; IPv6 too where the node has it."""
+    if socket.has_dualstack_ipv6():
+        return socket.create_server(("", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    return socket.create_server(("", 0))
+
+
+def _start_on(slave: int, argv: list[str]) -> int:
+    """argv as the leader of a new session that opens the terminal first, which makes it its
+    controlling terminal: on stdin, stdout and fd 3 (the status-file wrapper's stderr for the
+    command); the wrapper's own stderr is /dev/null, as under the local engine."""
+    return os.posix_spawnp(argv[0], argv, os.environ, file_actions=[
+        (os.POSIX_SPAWN_OPEN, 0, os.ttyname(slave), os.O_RDWR, 0),
+        (os.POSIX_SPAWN_DUP2, 0, 1),
+        (os.POSIX_SPAWN_OPEN, 2, "/dev/null", os.O_WRONLY, 0),
+        (os.POSIX_SPAWN_DUP2, 0, 3),
+    ], setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=())
+
+
+def _publish(path: Path, port: int, token: str) -> None:
+    """Written whole under another name, then renamed: the server never reads half of it."""
+    partial = path.with_name(path.name + ".new")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with open(fd, "w") as out:
+        json.dump({"port": port, "token": token, "pid": os.getpid()}, out)
+    os.replace(partial, path)
+
+
+def main(argv: list[str]) -> int:
+    if argv[1] == "serve":
+        return serve(Path(argv[2]), int(argv[3]), int(argv[4]), argv[5:])
+    # the local engine's keeper: the master on fd 0, the log on fd 1, the bound socket on fd 3
+    _Keeper(0, socket.socket(fileno=3), b"", int(argv[2]), Path(argv[1])).run()
+    return 0
+
+
 if __name__ == "__main__":
-    _Keeper(Path(sys.argv[1]), int(sys.argv[2])).run()
+    sys.exit(main(sys.argv))

@@ -21,10 +21,12 @@ from starlette.types import ASGIApp
 from velda import __version__
 from velda.models import Task, TaskStatus
 from velda.protocol import (
+    MAX_BATCH,
     BadRequest,
     SubmitRequest,
     check_id,
     check_text,
+    in_item,
     parse_int,
     parse_label,
     parse_terminal,
@@ -36,7 +38,13 @@ from velda.server.openapi import MAX_ATTEMPT, MAX_PAGE, openapi_document
 from velda.server.runtime import Runtime
 from velda.server.space import is_full, no_space
 from velda.server.usage import chart as usage_chart
-from velda.server.views import start_failure, task_detail, task_json, tasks_json
+from velda.server.views import (
+    start_failure,
+    submitted_json,
+    task_detail,
+    task_json,
+    tasks_json,
+)
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 STARTED = time.time()
@@ -62,6 +70,7 @@ class Api:
             )
             if principal is None:
                 return _error("missing or invalid token", 401)
+            self.runtime.settle()  # the request sees every engine report before it
             refusal = self.refusal(request, principal)
             if refusal is not None:
                 return _error(*refusal)
@@ -140,6 +149,17 @@ class Api:
         if notice:
             data["notice"] = notice
         return JSONResponse(data, status_code=200 if earlier else 201)
+
+    async def submit_batch(self, request: Request, principal: Principal) -> Response:
+        """Many tasks in one request, stored all or none (a bad one is named by its index);
+        the answer lists each one's id, name, status and pool, in order."""
+        key = _idempotency_key(request)
+        earlier = self.store.by_idempotency_key(f"{key}/0") if key else None
+        reqs = _batch_of(await self.body(request))
+        keys = [f"{key}/{i}" for i in range(len(reqs))] if key else None
+        tasks = await self.runtime.submit_many(reqs, principal.scope, keys, numbered=True)
+        return JSONResponse({"tasks": [submitted_json(task) for task in tasks]},
+                            status_code=200 if earlier else 201)
 
     async def list_tasks(self, request: Request, principal: Principal) -> Response:
         q = request.query_params
@@ -343,6 +363,16 @@ def _resume_point(q: Any, attempt: int | None) -> tuple[int, int, int] | None:
     return start, stdout, stderr
 
 
+def _batch_of(body: object) -> list[SubmitRequest]:
+    if not isinstance(body, dict) or set(body) != {"tasks"}:
+        raise BadRequest('the request body must be {"tasks": [...]}', "tasks")
+    items = body["tasks"]
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+        raise BadRequest(f"tasks: a list of 1 to {MAX_BATCH:,} tasks", "tasks")
+    return [in_item(i, SubmitRequest.from_json, item)
+            for i, item in enumerate(items)]
+
+
 def _idempotency_key(request: Request) -> str | None:
     """The client's key for a request that creates something: the same key again means the
     same request again (its answer was lost), never a second task."""
@@ -397,6 +427,7 @@ def build_app(
         Route("/api/v1/server/reload", g(api.reload), methods=["POST"]),
         Route("/api/v1/tasks", g(api.list_tasks), methods=["GET"]),
         Route("/api/v1/tasks", g(api.submit), methods=["POST"]),
+        Route("/api/v1/tasks:batch", g(api.submit_batch), methods=["POST"]),
         Route("/api/v1/resolve", g(api.resolve)),
         Route("/api/v1/tasks/{id:int}", g(api.get_task)),
         Route("/api/v1/tasks/{id:int}/logs", g(api.logs)),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from velda import __version__
-from velda.protocol import MAX_ID, MAX_SHARDS, MAX_TERMINAL_SIDE, MAX_TIMEOUT_S
+from velda.protocol import MAX_BATCH, MAX_ID, MAX_SHARDS, MAX_TERMINAL_SIDE, MAX_TIMEOUT_S
 
 MAX_PAGE = 1000
 MAX_ATTEMPT = 1_000_000
@@ -48,6 +48,8 @@ _TASK_ID_PARAMS = ["id"]
 CALLS: list[tuple[str, str, str, str | None, list[str], str, str, list[str]]] = [
     ("post", "/api/v1/tasks", "Submit a task", "SubmitRequest", ["Idempotency-Key"], "201",
      "Task", ["400", "403", "404", "409", "413", "507"]),
+    ("post", "/api/v1/tasks:batch", "Submit many tasks at once, all or none", "SubmitBatch",
+     ["Idempotency-Key"], "201", "Submitted", ["400", "403", "404", "409", "413", "507"]),
     ("get", "/api/v1/tasks", "List or search tasks", None,
      ["parent", "all", "status", "label", "q", "page_size", "page_token"], "200", "TaskPage",
      ["400", "403"]),
@@ -107,7 +109,8 @@ TERMINAL_SCHEMA: dict[str, Any] = {
 _NULL_NUM = {"type": ["number", "null"]}
 USAGE_SCHEMA: dict[str, Any] = {
     "type": ["object", "null"],
-    "description": "what the attempt used (local pools; CPU totals on Slurm): docs/api.md",
+    "description": "what the attempt used (local and Ray pools; CPU totals on Slurm): "
+                   "docs/api.md",
     "properties": {
         "cpu_user_s": {"type": "number"}, "cpu_system_s": {"type": "number"},
         "cpu_s": {"type": "number"}, "cpu_percent": _NULL_NUM,
@@ -189,6 +192,20 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "Ok": {"type": "object", "properties": {"ok": {"type": "boolean"}}},
+    "SubmitBatch": {
+        "type": "object", "required": ["tasks"], "additionalProperties": False,
+        "properties": {"tasks": {
+            "type": "array", "minItems": 1, "maxItems": MAX_BATCH,
+            "items": {"$ref": "#/components/schemas/SubmitRequest"},
+            "description": "in order: a task may name an earlier one of the same batch"}},
+    },
+    "Submitted": {
+        "type": "object", "required": ["tasks"],
+        "properties": {"tasks": {"type": "array", "items": {
+            "type": "object", "required": ["id", "status", "pool"],
+            "properties": {"id": {"type": "string", "pattern": "^[0-9]+$"}, "name": _NULL_STR,
+                           "status": {"type": "string"}, "pool": {"type": "string"}}}}},
+    },
     "Health": {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}},
     "Pools": {
         "type": "object",
@@ -255,6 +272,9 @@ SUBMIT_SCHEMA: dict[str, Any] = {
 }
 
 
+_BODY_REQUIRED = ("SignalRequest", "TerminalInput", "SubmitBatch")
+
+
 def _operation(call: tuple[str, str, str, str | None, list[str], str, str, list[str]]) -> Any:
     _, path, summary, body, names, ok, content, errors = call
     op: dict[str, Any] = {"summary": summary, "responses": {ok: _response("OK", content)}}
@@ -264,7 +284,7 @@ def _operation(call: tuple[str, str, str, str | None, list[str], str, str, list[
         op["parameters"] = [_parameter(name) for name in names]
     if body:
         schema = {"$ref": f"#/components/schemas/{body}"}
-        op["requestBody"] = {"required": body in ("SignalRequest", "TerminalInput"),
+        op["requestBody"] = {"required": body in _BODY_REQUIRED,
                              "content": {"application/json": {"schema": schema}}}
     codes = errors if path in PUBLIC else [*errors, "401"]
     for code in sorted(codes):

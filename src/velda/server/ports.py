@@ -3,7 +3,7 @@
 `velda task port-forward` and `vrun -p` listen on the user's machine. For each TCP connection
 they accept they open the WebSocket `/api/v1/tasks/{id}/ports/{port}?local=LOCAL`; the server
 connects to that port on the host where the attempt runs (its engine's `host_of`: 127.0.0.1
-for the local engine, the node's address for Ray) and copies bytes both ways as binary
+for the local engine, the node's address for Ray and Slurm) and copies bytes both ways as binary
 messages until either side closes. An empty message from the client is its end of input (a
 half-close), passed on as such. For as long as it listens, the forwarder also holds one
 `?listen=1` WebSocket per port: it carries no bytes (the server sends one `{"ok": true}` once
@@ -114,6 +114,7 @@ class PortRelay:
         refusal = self.gate.refusal(websocket, principal)
         if refusal is not None:
             raise Refusal(*refusal)
+        self.runtime.settle()  # a task that just started has its handle stored
         try:
             task = self.gate.task(websocket, principal)
             port = parse_int(str(websocket.path_params["port"]), "port", 1, 65535)

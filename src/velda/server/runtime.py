@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from copy import copy
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,13 @@ from velda.models import (
     TaskStatus,
 )
 from velda.outcome import Verdict, combine, dependency_verdict, resolved_status
-from velda.protocol import BadRequest, SubmitRequest
+from velda.protocol import BadRequest, SubmitRequest, in_item
 from velda.scheduler import Capacity
 from velda.server import launches
 from velda.server.blocked import Blocked
 from velda.server.config_watch import ConfigWatcher
 from velda.server.dispatch import HandOver, LocalDispatch, Taken
+from velda.server.group_commit import GroupCommit
 from velda.server.notifier import Notifier
 from velda.server.recovery import Recovery
 from velda.server.refs import Resolver
@@ -104,6 +106,8 @@ class Runtime:
         self.cancel_grace_s = float(os.environ.get("VELDA_CANCEL_GRACE_S") or CANCEL_GRACE_S)
         self.deadlines: dict[int, asyncio.TimerHandle] = {}  # cancelled tasks' last moment
         self.space = Space(home, self.request_schedule)  # writes waiting for a full disk
+        # the engines' running and exited reports, one transaction per tick (group_commit.py)
+        self.reports = GroupCommit(self._writing, self.space.keep)
         self.config_file = home / "velda.toml"  # where a fix to the pools goes (main sets it)
         self.watcher = ConfigWatcher(self.config_file, config, self.apply_config)
 
@@ -154,30 +158,57 @@ class Runtime:
     async def submit(self, req: SubmitRequest, scope: int | None, key: str | None = None) -> Task:
         """A new task; with `key` (the client's idempotency key), the task an earlier submit
         with the same key made, if there is one."""
-        earlier = self.store.by_idempotency_key(key) if key else None
+        return (await self.submit_many([req], scope, [key] if key else None, numbered=False))[0]
+
+    async def submit_many(
+        self, reqs: list[SubmitRequest], scope: int | None, keys: list[str] | None = None,
+        numbered: bool = True,
+    ) -> list[Task]:
+        """New tasks, all or none, in one transaction and in order: a later one may name an
+        earlier one (`after_success`, ...). `keys`, one per request: the tasks an earlier
+        call with the same keys made, if there are. A bad request is a BadRequest (naming
+        its index when `numbered`) and stores nothing."""
+        earlier = self._made_before(keys)
         if earlier is not None:
             return earlier
-        pool = self.pool(req.pool)
-        try:
-            await self.check_pool(pool)
-        except EngineError as e:
-            raise BadRequest(str(e), "pool") from e
-        self._check_submit(req, pool, scope)
-        deps = self._dependencies(req, scope)
+        index = range(len(reqs)) if numbered else [None] * len(reqs)
+        pools = [in_item(i, self.pool, req.pool) for i, req in zip(index, reqs, strict=True)]
+        for pool in {p.name: p for p in pools}.values():
+            try:
+                await self.check_pool(pool)
+            except EngineError as e:
+                raise BadRequest(str(e), "pool") from e
         with self._writing():
-            earlier = self.store.by_idempotency_key(key) if key else None
+            earlier = self._made_before(keys)
             if earlier is not None:  # the same request, again, while this one awaited
                 return earlier
-            task = self._insert(req, pool, scope, deps)
-            if key:
-                self.store.set_idempotency_key(task.id, key)
-            if req.total_shards is not None:
-                self._insert_shards(task, req, pool)
-            self.cascade([task.id])
+            tasks = [in_item(i, self._add, req, pool, scope, keys and keys[n])
+                     for n, (i, req, pool) in enumerate(zip(index, reqs, pools, strict=True))]
+            self.cascade([task.id for task in tasks])  # only once every one was accepted
         self.changed()
-        task = self.store.get(task.id) or task  # the cascade may have moved it on
-        if req.blocking and scope is not None and not task.status.is_final():
-            self.blocked.submitted(task.id, scope)  # its vrun follows it from now on
+        tasks = self.store.get_many([task.id for task in tasks])  # the cascade moved them on
+        for req, task in zip(reqs, tasks, strict=True):
+            if req.blocking and scope is not None and not task.status.is_final():
+                self.blocked.submitted(task.id, scope)  # its vrun follows it from now on
+        return tasks
+
+    def _made_before(self, keys: list[str] | None) -> list[Task] | None:
+        """The tasks of an earlier call with these keys (all of them: one call stores all
+        or none), or None."""
+        if not keys or self.store.by_idempotency_key(keys[0]) is None:
+            return None
+        tasks = [self.store.by_idempotency_key(key) for key in keys]
+        return [task for task in tasks if task is not None]
+
+    def _add(self, req: SubmitRequest, pool: Pool, scope: int | None, key: str | None) -> Task:
+        """One new task, checked and stored, not yet stepped."""
+        self._check_submit(req, pool, scope)
+        deps = self._dependencies(req, scope)
+        task = self._insert(req, pool, scope, deps)
+        if key:
+            self.store.set_idempotency_key(task.id, key)
+        if req.total_shards is not None:
+            self._insert_shards(task, req, pool)
         return task
 
     def _check_submit(self, req: SubmitRequest, pool: Pool, scope: int | None) -> None:
@@ -498,8 +529,9 @@ class Runtime:
             for (task, _), result in zip(pairs, results, strict=True):
                 if isinstance(result, Exception):
                     self._launch_failed(task, result)
-                else:
-                    self._keep_handle(task.id, task.attempt, result)
+                else:  # written with the tick's reports, all of a pass in one transaction
+                    self.reports.add(("handle", task.id, task.attempt),
+                                     partial(self._keep_handle, task.id, task.attempt, result))
 
     def _launch_failed(self, task: Task, error: Exception) -> None:
         """The attempt could not start: it ends FAILURE (engine-error), says why in its
@@ -542,20 +574,13 @@ class Runtime:
     # --- engine events
 
     def running(self, task_id: str, attempt: int, handle: Handle) -> None:
-        self._commit_or_keep(
-            ("running", task_id, attempt),
-            lambda: self._commit_running(int(task_id), attempt, handle),
-        )
+        self.reports.add(("running", task_id, attempt),
+                         lambda: self._commit_running(int(task_id), attempt, handle))
 
-    def _commit_or_keep(self, key: tuple[object, ...], commit: Callable[[], None]) -> None:
-        """Write an engine's report now; on a full disk keep it in memory and write it as
-        soon as there is space (Space retries it)."""
-        try:
-            commit()
-        except OSError as e:
-            if not is_full(e):
-                raise
-            self.space.keep(key, commit, e)
+    def settle(self) -> None:
+        """Write the engines' reports of this tick now: what reads a task's handle or state
+        to act on it (cancel, a signal, a request) sees every report that came before."""
+        self.reports.flush()
 
     def _commit_running(self, task_id: int, attempt: int, handle: Handle) -> None:
         task = self.store.get(task_id)
@@ -588,14 +613,13 @@ class Runtime:
     def exited(self, task_id: str, attempt: int, exit: Exit) -> None:
         """An attempt ended. An exit that finds the disk full is kept in memory and written
         as soon as there is space (the status file keeps it across a restart too)."""
-        directory = self.attempt_dir(int(task_id), attempt)
-        self.sampler.unwatch(directory)
-        self.usage.unwatch(directory)
-        self._commit_or_keep(
-            ("exit", task_id, attempt), lambda: self._commit_exit(int(task_id), attempt, exit)
-        )
+        self.reports.add(("exit", task_id, attempt),
+                         lambda: self._commit_exit(int(task_id), attempt, exit))
 
     def _commit_exit(self, task_id: int, attempt: int, exit: Exit) -> None:
+        directory = self.attempt_dir(task_id, attempt)
+        self.sampler.unwatch(directory)
+        self.usage.unwatch(directory)
         task = self.store.get(task_id)
         if task is None or task.attempt != attempt or task.finished_at is not None:
             return
@@ -639,6 +663,7 @@ class Runtime:
     # --- timeouts (the clocks: timeouts.py)
 
     async def _time_out(self, task_id: int, attempt: int) -> None:
+        self.settle()
         task = self.store.get(task_id)
         if task is None or task.attempt != attempt or task.finished_at is not None:
             return
@@ -653,6 +678,7 @@ class Runtime:
         """Waiting tasks of the subtree end CANCELLED in bulk; each running one is stopped,
         and ends CANCELLED when its process is gone."""
         to_stop = []
+        self.settle()
         ids = self.store.subtree_ids(root_id)
         with self._writing():
             self.store.request_cancel(ids)
@@ -782,6 +808,7 @@ class Runtime:
             raise BadRequest(f"task {task_id}: {e}", "id", status=409) from e
 
     def _running(self, task_id: int) -> Task:
+        self.settle()
         task = self.store.get(task_id)
         if task is None or task.status != S.RUNNING or not task.handle:
             raise BadRequest(f"task {task_id} is not running", "id", status=409)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from velda.engines.proc_tree import SAMPLES, sample_line, tree_figures
 from velda.engines.status_file import read_int, read_times
 from velda.models import Task
 from velda.server import gpu_usage
@@ -35,10 +36,7 @@ from velda.store.base import Store
 
 INTERVAL_S = 1.0
 MAX_SHARE = 0.02  # of the event loop's time that sampling may take
-SAMPLES = "usage"  # one JSON line per sample, in the attempt directory
 SUMMARY = "usage.json"  # the attempt's totals, written when it ended
-_TICK = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass
@@ -51,45 +49,14 @@ class Sample:
     gpus: list[dict[str, Any]] = field(default_factory=list)
 
     def line(self) -> str:
-        data: dict[str, Any] = {"t": round(self.t, 3), "user_s": round(self.user_s, 3),
-                                "system_s": round(self.system_s, 3), "rss": self.rss,
-                                "procs": self.procs}
-        if self.gpus:
-            data["gpus"] = self.gpus
-        return json.dumps(data, separators=(",", ":")) + "\n"
+        return sample_line(self.t, (self.user_s, self.system_s, self.rss, self.procs),
+                           self.gpus)
 
 
 def sample_tree(leader: int, at: float) -> Sample | None:
     """The tree of processes under `leader` as /proc shows it now; None once it is gone."""
-    user = system = 0
-    rss = procs = 0
-    stack = [leader]
-    while stack:
-        pid = stack.pop()
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            threads = int(fields[17])
-            stack += _children(pid, threads)
-        except (OSError, IndexError, ValueError):
-            continue  # it ended meanwhile
-        procs += 1
-        # fields from 3 on: utime 14, stime 15, cutime 16, cstime 17, rss 24 (man 5 proc)
-        user += int(fields[11]) + int(fields[13])
-        system += int(fields[12]) + int(fields[14])
-        rss += int(fields[21])
-    if procs == 0:
-        return None
-    return Sample(at, user / _TICK, system / _TICK, rss * _PAGE, procs)
-
-
-def _children(pid: int, threads: int) -> list[int]:
-    tids = [str(pid)] if threads <= 1 else os.listdir(f"/proc/{pid}/task")
-    found: list[int] = []
-    for tid in tids:
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-            found += [int(c) for c in f.read().split()]
-    return found
+    figures = tree_figures(leader)
+    return None if figures is None else Sample(at, *figures)
 
 
 class _Watched:

@@ -153,6 +153,12 @@ def _ancestors(task: Task, store: Store) -> list[dict[str, Any]]:
     return [{"id": str(parent.id), "name": parent.name} for parent in reversed(chain)]
 
 
+def submitted_json(task: Task) -> dict[str, Any]:
+    """A task as a bulk submit answers it: enough to follow it up by ID."""
+    return {"id": str(task.id), "name": task.name, "status": task.status.value,
+            "pool": task.pool}
+
+
 def tasks_json(tasks: list[Task], store: Store) -> list[dict[str, Any]]:
     ids = [t.id for t in tasks]
     counts, deps = store.children_counts(ids), store.dependencies_of(ids)
