@@ -71,6 +71,7 @@ class _Run:
     logs: dict[str, IO[bytes]] = field(default_factory=dict)  # opened at their first byte
     index_fd: int = -1  # the attempt's chunk index (velda/logindex.py), once open
     state_fd: int = -1  # ray.json, once written
+    saved: int = 0  # the length of what save() last wrote there
     # typed input goes to the node one request after the other, in the order it came
     typing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -107,22 +108,31 @@ class _Run:
                 os.close(fd)
 
     def close_files(self) -> None:
+        """Close what is open; a later save() (a cluster lost meanwhile) opens ray.json
+        again, never a number the system has given to another file since."""
         for log in self.logs.values():
             log.close()
+        self.logs.clear()
         for fd in (self.index_fd, self.state_fd):
             if fd >= 0:
                 os.close(fd)
+        self.index_fd = self.state_fd = -1
 
     def save(self) -> None:
-        """ray.json, written over in place. The state only grows (keys are added, never
-        changed), so a reader that catches a write halfway sees the old text or text that is
+        """ray.json, written over in place. Keys are added, not changed (but for an exit
+        written again when the cluster is lost, after which the file is cut to its new
+        length), so a reader that catches a write halfway sees the old text or text that is
         not JSON, and reads again. Not synced: it must outlive the server and the bridge,
         not the machine."""
         with contextlib.suppress(OSError):
             if self.state_fd < 0:
                 flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
                 self.state_fd = os.open(self.state_path, flags, 0o600)
-            os.pwrite(self.state_fd, json.dumps(self.state).encode(), 0)
+            data = json.dumps(self.state).encode()
+            os.pwrite(self.state_fd, data, 0)
+            if len(data) < self.saved:  # an exit written again, shorter: no old tail left
+                os.ftruncate(self.state_fd, len(data))
+            self.saved = len(data)
 
 
 def bridge_main() -> None:

@@ -820,6 +820,7 @@ class Runtime:
         """Find every unfinished task again: queued ones queue, running ones are adopted
         (their processes kept running while the server was down)."""
         await Recovery(self).run()
+        self.settle()  # what it found ended is written before the server answers anyone
 
     def hold(self, task: Task) -> None:
         """A running local task found again keeps what it was given."""
