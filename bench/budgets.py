@@ -6,10 +6,11 @@ kills any task process they leave. Progress goes to stderr, one Markdown table t
     python bench/budgets.py [--quick] [--only 1,3]
 
 Sections: 1 `vbatch true` wall time; 2 submit-to-start on an idle pool; 3 10,000 trivial tasks
-through the API, one a request and 1,000 a request (`POST /api/v1/tasks:batch`); 4 100,000
-tasks stored (CLI list, API list, server RSS); 5 memory of supervising a running task; 6 a task
-writing 1 GiB to stdout. Uses hyperfine and tsp when
-installed (Debian packages `hyperfine`, `task-spooler`).
+through the API, one a request and 1,000 a request (`POST /api/v1/tasks:batch`); 4 1,000,000
+tasks stored (CLI list, API list, server RSS, server start); 5 memory of supervising a running
+task; 6 a task writing 1 GiB to stdout; 7 a scheduling pass and a submit with 10,000 tasks
+running on a synthetic engine. Uses hyperfine and tsp when installed (Debian packages
+`hyperfine`, `task-spooler`).
 
 Command-line tools are timed as installed, with their bytecode cached (a private
 PYTHONPYCACHEPREFIX); where this shell sets PYTHONDONTWRITEBYTECODE, §1 also shows that case.
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import synthetic_engine  # bench/synthetic_engine.py: §7
 from ui_bench import fill  # bench/ui_bench.py: the same 100,000-task store as the UI bench
 
 from velda.engines import local
@@ -59,14 +61,15 @@ class Sizes:
     cli_runs: int = 100  # §1 vbatch runs
     idle_tasks: int = 200  # §2
     flood_tasks: int = 10_000  # §3
-    stored_tasks: int = 100_000  # §4
+    stored_tasks: int = 1_000_000  # §4
     list_runs: int = 20  # §4 velda task list runs
     sleepers: int = 50  # §5
     output_bytes: int = 1 << 30  # §6
     output_runs: int = 3  # §6
+    synthetic_running: int = 10_000  # §7
 
 
-QUICK = Sizes(30, 50, 2_000, 20_000, 10, 20, 256 * MB, 1)
+QUICK = Sizes(30, 50, 2_000, 20_000, 10, 20, 256 * MB, 1, 2_000)
 
 
 @dataclass
@@ -479,7 +482,9 @@ def bench_large_store(root: Path, sizes: Sizes) -> list[Row]:
     started = time.perf_counter()
     fill(root / "s4" / "velda.db", n)
     log(f"   stored in {time.perf_counter() - started:.1f} s; starting the server")
+    started = time.perf_counter()
     with running_server(root, "s4") as server:
+        start_s = time.perf_counter() - started  # `velda server start`: open, recover, bind
         commands = {"list": [VELDA, "task", "list"], "python": [sys.executable, "-c", "pass"]}
         env = cached_bytecode(server.env, root)
         medians = command_medians(commands, sizes.list_runs, env, root)
@@ -497,6 +502,8 @@ def bench_large_store(root: Path, sizes: Sizes) -> list[Row]:
             f"GET /healthz {ms(health)}", "≤ 300 ms", verdict(page <= 0.300)),
         Row(f"server RSS, {n:,} stored", f"{rss:.0f} MB",
             f"empty store {empty_rss:.0f} MB", "≤ 200 MB", verdict(rss <= 200)),
+        Row(f"server start (`velda server start`), {n:,} stored", f"{start_s:.2f} s", "—",
+            "≤ 3 s", verdict(start_s <= 3)),
     ]
 
 
@@ -675,6 +682,24 @@ def bench_big_output(root: Path, sizes: Sizes) -> list[Row]:
 # --- the table
 
 
+# --- §7 the server's own work with many tasks running (a synthetic engine)
+
+
+def bench_synthetic(root: Path, sizes: Sizes) -> list[Row]:
+    n = sizes.synthetic_running
+    log(f"§7 {n:,} tasks running on a synthetic engine (in-process runtime, real store)")
+    (root / "s7").mkdir(mode=0o700)
+    r = synthetic_engine.run(root / "s7", n)
+    running = f"{r['running']:,.0f} running"
+    return [
+        Row(f"one scheduling pass, {running} (median)", ms(r["pass_busy"]),
+            f"nothing running {ms(r['pass_idle'])}", "≤ 5 ms", verdict(r["pass_busy"] <= 0.005)),
+        Row(f"submit in the server, {running} (median)", ms(r["submit_busy"]),
+            f"nothing running {ms(r['submit_idle'])}", "unchanged",
+            verdict(r["submit_busy"] <= 1.5 * r["submit_idle"])),
+    ]
+
+
 SECTIONS: dict[int, Callable[[Path, Sizes], list[Row]]] = {
     1: bench_vbatch,
     2: bench_submit_to_start,
@@ -682,6 +707,7 @@ SECTIONS: dict[int, Callable[[Path, Sizes], list[Row]]] = {
     4: bench_large_store,
     5: bench_supervision,
     6: bench_big_output,
+    7: bench_synthetic,
 }
 
 
@@ -709,7 +735,7 @@ def run_section(number: int, root: Path, sizes: Sizes) -> list[Row]:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller counts (a minute or two)")
-    p.add_argument("--only", default="1,2,3,4,5,6", help="sections to run, like 1,3")
+    p.add_argument("--only", default="1,2,3,4,5,6,7", help="sections to run, like 1,3")
     return p.parse_args()
 
 
