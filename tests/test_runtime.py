@@ -60,18 +60,24 @@ class FakeEngine:
         self.runtime.exited(str(task_id), task.attempt, Exit.from_code(code))
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> tuple[Runtime, FakeEngine]:
+def runtime_with(tmp_path: Path, cpus: int = 1,
+                 config: Config | None = None) -> tuple[Runtime, FakeEngine]:
+    """A runtime on an in-memory store whose local engine is a FakeEngine of `cpus` CPUs."""
     engines: list[FakeEngine] = []
 
     def make(events: EngineEvents) -> FakeEngine:
         assert isinstance(events, Runtime)  # the runtime hears its engines itself
-        engines.append(FakeEngine(events, cpus=1))
+        engines.append(FakeEngine(events, cpus=cpus))
         return engines[0]
 
-    runtime = Runtime(tmp_path, Config(), SqliteStore(":memory:"), lambda i: f"t{i}",
-                      now=lambda: 1000.0, local=make)
+    runtime = Runtime(tmp_path, config or Config(), SqliteStore(":memory:"),
+                      lambda i: f"t{i}", now=lambda: 1000.0, local=make)
     return runtime, engines[0]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> tuple[Runtime, FakeEngine]:
+    return runtime_with(tmp_path)
 
 
 def submit(runtime: Runtime, **fields: object) -> int:
@@ -165,33 +171,12 @@ def test_a_final_state_never_changes_but_by_retry(world: tuple) -> None:
 def test_a_pool_server_url_is_the_velda_server_its_tasks_see(tmp_path: Path) -> None:
     pools = {"far": Pool("far", "local", Resources(cpus=1), {"server_url": "http://head:7411"})}
     config = Config(pools=pools, server_url="http://team:7411")
-    engines: list[FakeEngine] = []
-
-    def make(events: EngineEvents) -> FakeEngine:
-        assert isinstance(events, Runtime)
-        engines.append(FakeEngine(events, cpus=2))
-        return engines[0]
-
-    runtime = Runtime(tmp_path, config, SqliteStore(":memory:"), lambda i: f"t{i}",
-                      now=lambda: 1000.0, local=make)
+    runtime, engine = runtime_with(tmp_path, cpus=2, config=config)
     submit(runtime, pool="far")
     submit(runtime, pool="cpu-1")
     settle(runtime)
-    seen = {launch.pool.name: launch.env["VELDA_SERVER"] for launch in engines[0].started}
+    seen = {launch.pool.name: launch.env["VELDA_SERVER"] for launch in engine.started}
     assert seen == {"far": "http://head:7411", "cpu-1": "http://team:7411"}
-
-
-def _wide_world(tmp_path: Path, cpus: int) -> tuple[Runtime, FakeEngine]:
-    engines: list[FakeEngine] = []
-
-    def make(events: EngineEvents) -> FakeEngine:
-        assert isinstance(events, Runtime)
-        engines.append(FakeEngine(events, cpus=cpus))
-        return engines[0]
-
-    runtime = Runtime(tmp_path, Config(), SqliteStore(":memory:"), lambda i: f"t{i}",
-                      now=lambda: 1000.0, local=make)
-    return runtime, engines[0]
 
 
 def _finish_in_one_tick(runtime: Runtime, engine: FakeEngine, ids: list[int]) -> list[str]:
@@ -214,7 +199,7 @@ def _finish_in_one_tick(runtime: Runtime, engine: FakeEngine, ids: list[int]) ->
 
 
 def test_the_exits_of_one_tick_are_written_in_one_transaction(tmp_path: Path) -> None:
-    runtime, engine = _wide_world(tmp_path, cpus=20)
+    runtime, engine = runtime_with(tmp_path, cpus=20)
     ids = [submit(runtime) for _ in range(20)]
     settle(runtime)
     assert {status(runtime, i) for i in ids} == {S.RUNNING}
@@ -226,7 +211,7 @@ def test_the_exits_of_one_tick_are_written_in_one_transaction(tmp_path: Path) ->
 def test_a_report_that_cannot_be_written_leaves_the_others_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    runtime, engine = _wide_world(tmp_path, cpus=3)
+    runtime, engine = runtime_with(tmp_path, cpus=3)
     ids = [submit(runtime) for _ in range(3)]
     settle(runtime)
     record_exit = runtime._record_exit

@@ -1,4 +1,5 @@
-"""What each attempt of a local task uses: CPU time, CPU %, memory, and its GPUs.
+"""What each attempt uses: CPU time, CPU %, memory, and its GPUs (local pools; a Ray node
+sends its own samples into the same files, see engines/proc_tree.py).
 
 The server samples it from /proc, with no process of its own per task: every INTERVAL_S, for
 each running attempt, it walks the process tree under the attempt's wrapper (the leader of the
