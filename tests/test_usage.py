@@ -22,8 +22,8 @@ def hog(velda: Velda) -> Hog:
 
 
 def test_cpu_time_and_peak_memory_of_a_task(velda: Velda, hog: Hog) -> None:
-    task_id = velda.vbatch(*hog(200, 3))
-    running = wait_for(velda, task_id, samples=3)
+    task_id = velda.vbatch(*hog(200, 5))
+    running = wait_for(velda, task_id, samples=3)  # one a second, the first after one
     assert running["final"] is False
     assert int(str(running["memory_bytes"])) >= 200 * MB
     assert float(str(running["cpu_percent"])) > 50  # one CPU spinning
@@ -42,9 +42,11 @@ def test_cpu_time_and_peak_memory_of_a_task(velda: Velda, hog: Hog) -> None:
 
 def test_a_short_task_gets_exact_cpu_totals(velda: Velda) -> None:
     task = velda.wait(velda.vbatch("true"))
-    assert task["usage"]["final"] is True
-    assert task["usage"]["samples"] >= 1
-    assert 0 <= task["usage"]["cpu_s"] < 1
+    usage = task["usage"]
+    assert usage["final"] is True
+    assert 0 <= usage["cpu_s"] < 1
+    # it ended before its first sample: no memory figure rather than a guess
+    assert (usage["samples"] == 0) == (usage["peak_memory_bytes"] is None)
 
 
 def test_wide_listing_and_top_show_what_running_tasks_use(velda: Velda, hog: Hog) -> None:

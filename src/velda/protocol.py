@@ -201,7 +201,10 @@ def parse_terminal(value: object, name: str = "terminal") -> tuple[int, int] | N
 def _str_list(value: object, name: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise BadRequest(f"{name}: must be a list of strings", name)
-    return [check_text(v, name) for v in value]
+    if not _all_text(value):
+        for v in value:
+            check_text(v, name)
+    return list(value)
 
 
 def _str_dict(value: object, name: str) -> dict[str, str]:
@@ -209,6 +212,8 @@ def _str_dict(value: object, name: str) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
         raise BadRequest(f"{name}: must be an object of strings", name)
+    if all(k and "=" not in k for k in value) and _all_text([*value, *value.values()]):
+        return dict(value)  # what a submit's whole environment usually is: checked at once
     for k, v in value.items():
         if name == "env":
             env_key(k)
@@ -217,6 +222,17 @@ def _str_dict(value: object, name: str) -> dict[str, str]:
         check_text(k, name)
         check_text(v, name)
     return dict(value)
+
+
+def _all_text(strings: list[str]) -> bool:
+    """Whether every string passes check_text, checked in one go (a miss is then looked for
+    string by string, to name it)."""
+    joined = "".join(strings)
+    try:
+        joined.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in joined
 
 
 def _opt_str(value: object, name: str) -> str | None:

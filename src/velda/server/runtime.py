@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from copy import copy
 from functools import partial
@@ -64,6 +64,9 @@ CANCEL_GRACE_S = 10.0  # VELDA_CANCEL_GRACE_S overrides it
 BULK_STEP = 500  # shards queued or cancelled per transaction, between which others get in
 REPORT_SLACK_S = 0.5  # for the engine to report a process its SIGKILL ended
 log = logging.getLogger("velda.server")
+# What one attempt leaves on its task, cleared when the next one starts.
+_OF_AN_ATTEMPT = ("handle", "finished_at", "exit_code", "signal", "reason", "reason_detail",
+                  "stop_cause")
 _OWN_VELDA_VARS = ("VELDA_TASK_ID", "VELDA_TASK_NAME", "VELDA_POOL", "VELDA_ATTEMPT",
                    "VELDA_TOKEN", "VELDA_SHARD_ID", "VELDA_TOTAL_SHARDS")
 
@@ -184,7 +187,7 @@ class Runtime:
                 return earlier
             tasks = [in_item(i, self._add, req, pool, scope, keys and keys[n])
                      for n, (i, req, pool) in enumerate(zip(index, reqs, pools, strict=True))]
-            self.cascade([task.id for task in tasks])  # only once every one was accepted
+            self.cascade([task.id for task in tasks], tasks)  # once every one was accepted
         self.changed()
         tasks = self.store.get_many([task.id for task in tasks])  # the cascade moved them on
         for req, task in zip(reqs, tasks, strict=True):
@@ -301,12 +304,15 @@ class Runtime:
 
     # --- state changes, one worklist so long chains never recurse
 
-    def cascade(self, ids: list[int]) -> None:
+    def cascade(self, ids: list[int], in_hand: Iterable[Task] = ()) -> None:
         """Re-evaluate tasks until nothing more changes: PENDING tasks whose dependencies
-        decided, parents whose last child became final."""
+        decided, parents whose last child became final. `in_hand`: tasks of `ids` that this
+        step wrote through these very objects, stepped without reading them back."""
+        fresh = {task.id: task for task in in_hand}
         work = deque(ids)
         while work:
-            task = self.store.get(work.popleft())
+            task_id = work.popleft()
+            task = fresh.pop(task_id, None) or self.store.get(task_id)
             if task is None or task.status.is_final():
                 continue
             work.extend(self._step(task))
@@ -499,18 +505,16 @@ class Runtime:
     def _new_attempt(self, task: Task, alloc: Allocation | None) -> None:
         """Local tasks (with an allocation) run from here on; remote ones stay QUEUED, marked
         as handed to their engine, until it reports them running."""
-        task.submitted_at, task.handle = self.now(), None
+        left = [f for f in _OF_AN_ATTEMPT if getattr(task, f) is not None]  # by one before
+        for name in left:
+            setattr(task, name, None)
+        task.submitted_at = self.now()
         if alloc is not None:
             self.machine.hold(task.id, alloc, task.pool)
             task.status, task.started_at = S.RUNNING, task.submitted_at
         task.alloc = alloc
-        task.finished_at = task.exit_code = task.signal = task.reason = None
-        task.reason_detail = task.stop_cause = None
         task.attempt += 1
-        self.store.update(
-            task, "status", "started_at", "alloc", "handle", "attempt", "finished_at",
-            "exit_code", "signal", "reason", "reason_detail", "submitted_at", "stop_cause",
-        )
+        self.store.update(task, "status", "started_at", "alloc", "attempt", "submitted_at", *left)
         if alloc is not None:
             self.store.record_attempt(task)
 
@@ -529,7 +533,8 @@ class Runtime:
             for (task, _), result in zip(pairs, results, strict=True):
                 if isinstance(result, Exception):
                     self._launch_failed(task, result)
-                else:  # written with the tick's reports, all of a pass in one transaction
+                elif engine.places_work:  # the others report running, with it, as they start
+                    # the handle is written with the tick's reports: a pass in one transaction
                     self.reports.add(("handle", task.id, task.attempt),
                                      partial(self._keep_handle, task.id, task.attempt, result))
 
@@ -630,10 +635,17 @@ class Runtime:
             if self._should_retry(task):
                 self._requeue(task)
             else:
-                task.status = S.RUNNING_SUBTASKS
-                self.store.update(task, "status")
-                self.cascade([task.id])
+                self._own_command_ended(task)
         self.changed()
+
+    def _own_command_ended(self, task: Task) -> None:
+        """It waits for its open children, or (most often: it has none) becomes final now,
+        in one write."""
+        task.status = S.RUNNING_SUBTASKS
+        if self.store.open_children_count(task.id):
+            self.store.update(task, "status")
+        else:
+            self.cascade(self._finalize(task, self._settled_status(task)))
 
     def _record_exit(self, task: Task, exit: Exit) -> None:
         self._release(task.id)

@@ -3,8 +3,9 @@
 A local task writes straight into its log files, with no server process in between, so the
 server learns when each stream grew by looking: every 50 ms, from the event loop, it stats the
 two files of each running attempt and appends a record for each one that grew. That is two
-stat() calls per running attempt per pass and one small write when a file grew; attempts that
-are not running cost nothing. The order it keeps is exact between streams that write more than
+stat() calls per running attempt per pass and one small write when a file grew (the index is
+created at the first growth: a task that writes nothing has none); attempts that are not
+running cost nothing. The order it keeps is exact between streams that write more than
 50 ms apart, and within one pass stdout comes first.
 """
 
@@ -24,9 +25,10 @@ MAX_SHARE = 0.05  # of the event loop's time that sampling may take
 
 class _Watched:
     def __init__(self, attempt_dir: Path) -> None:
+        self.dir = attempt_dir
         self.paths = [(stream, str(attempt_dir / stream)) for stream in STREAMS]
         self.sizes = last_sizes(attempt_dir)  # an adopted attempt continues its index
-        self.fd = open_index(attempt_dir)
+        self.fd: int | None = None  # opened at the first growth: a silent task has no index
 
     def sample(self, at: float) -> None:
         for stream, path in self.paths:
@@ -35,8 +37,14 @@ class _Watched:
             except FileNotFoundError:
                 continue
             if size > self.sizes[stream]:
+                if self.fd is None:
+                    self.fd = open_index(self.dir)
                 self.sizes[stream] = size
                 record(self.fd, stream, size, at)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 class ChunkSampler:
@@ -47,13 +55,9 @@ class ChunkSampler:
                                    lambda: bool(self._watched))
 
     def watch(self, attempt_dir: Path) -> None:
-        if attempt_dir in self._watched:
-            return
-        try:
+        if attempt_dir not in self._watched:
             self._watched[attempt_dir] = _Watched(attempt_dir)
-        except OSError:
-            return  # no index: the combined view falls back to file order
-        self._passes.start()
+            self._passes.start()
 
     def unwatch(self, attempt_dir: Path) -> None:
         """The attempt ended: one last record for what it wrote since the last pass."""
@@ -63,8 +67,8 @@ class ChunkSampler:
         try:
             watched.sample(self.now())
         except OSError:
-            pass
-        os.close(watched.fd)
+            pass  # no index: the combined view falls back to file order
+        watched.close()
 
     def sample_all(self) -> float:
         """One pass; how long it took (seconds)."""
@@ -81,5 +85,5 @@ class ChunkSampler:
         """Stop without final records: the attempts keep running, the next server goes on."""
         self._passes.stop()
         for watched in self._watched.values():
-            os.close(watched.fd)
+            watched.close()
         self._watched.clear()

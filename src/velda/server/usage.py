@@ -9,11 +9,12 @@ its processes reaped), its resident memory (the sum of the tree's RSS) and its p
 and on a GPU pool each of its devices' utilisation and memory from NVML (gpu_usage.py). Each
 sample is one JSON line appended to the attempt's `usage` file, which the task page charts.
 
-At the end the exact CPU totals come from the status-file wrapper, which writes its shell's
-`times` into the attempt's `times` file as it exits (status_file.py); the summary of the
-attempt (the `usage` object of the API, docs/api.md) is then written to `usage.json` beside
-it. An attempt adopted after a restart continues its file; one that ended while no server
-watched is summarised from what its files hold when it is first asked for.
+The first sample of an attempt comes with the first pass after it started, so a task that
+ends sooner (a flood of `true`) costs no sample and no file. At the end the exact CPU totals
+come from the status-file wrapper, which writes its shell's `times` into the attempt's `times`
+file as it exits (status_file.py). The summary of an ended attempt (the `usage` object of the
+API, docs/api.md) is made from those files when it is first asked for and kept in
+`usage.json` beside them. An attempt adopted after a restart continues its file.
 """
 
 from __future__ import annotations
@@ -91,8 +92,11 @@ class _Watched:
         _append(self.dir / SAMPLES, sample.line())
 
     def summary(self, ended_at: float | None) -> dict[str, Any]:
-        return summarise(self.first, self.previous, self.last, self.samples, self.peak_rss,
-                         self.peak_gpu, None if ended_at is None else read_times(self.dir),
+        if ended_at is None:
+            return summarise(None, self.previous, self.last, self.samples, self.peak_rss,
+                             self.peak_gpu, None, None)
+        return summarise(_started_at(self.dir, self.first), self.previous, self.last,
+                         self.samples, self.peak_rss, self.peak_gpu, read_times(self.dir),
                          ended_at)
 
 
@@ -109,18 +113,13 @@ class UsageSampler:
     def watch(self, attempt_dir: Path, leader: int, gpu_ids: tuple[int, ...] = ()) -> None:
         if attempt_dir in self._watched:
             return
-        watched = _Watched(attempt_dir, leader, gpu_ids)
-        self._watched[attempt_dir] = watched
-        with contextlib.suppress(OSError):
-            watched.sample(self.now())  # a first sample at once: short tasks have one too
-        self._passes.start()
+        self._watched[attempt_dir] = _Watched(attempt_dir, leader, gpu_ids)
+        self._passes.start()  # the first sample comes with the next pass
 
     def unwatch(self, attempt_dir: Path) -> None:
-        """The attempt ended: its totals are written to its summary file."""
-        watched = self._watched.pop(attempt_dir, None)
-        if watched is not None:
-            ended_at = _ended_at(attempt_dir) or self.now()
-            _write_summary(attempt_dir, watched.summary(ended_at))
+        """The attempt ended: its summary is made from its files when it is first asked for
+        (usage_of), not here, so that a flood of short tasks costs no write per task."""
+        self._watched.pop(attempt_dir, None)
 
     def live(self, attempt_dir: Path) -> dict[str, Any] | None:
         """The usage of a running attempt, as its last samples say; None if not watched."""
@@ -156,7 +155,7 @@ def usage_of(attempt_dir: Path, sampler: UsageSampler,
     times = read_times(attempt_dir)
     if not samples and times is None:
         return None  # not a local attempt, or it never ran
-    summary = summarise(samples[0] if samples else None,
+    summary = summarise(_started_at(attempt_dir, samples[0] if samples else None),
                         samples[-2] if len(samples) > 1 else None,
                         samples[-1] if samples else None, len(samples),
                         max((s.rss for s in samples), default=0), _gpu_peaks(samples), times,
@@ -166,7 +165,7 @@ def usage_of(attempt_dir: Path, sampler: UsageSampler,
     return summary
 
 
-def summarise(first: Sample | None, previous: Sample | None, last: Sample | None,
+def summarise(started: float | None, previous: Sample | None, last: Sample | None,
               samples: int, peak_rss: int, peak_gpu: dict[int, int],
               times: tuple[float, float] | None, ended_at: float | None) -> dict[str, Any]:
     """The `usage` object (docs/api.md): CPU seconds, CPU % now (or over the whole attempt
@@ -176,7 +175,7 @@ def summarise(first: Sample | None, previous: Sample | None, last: Sample | None
     user, system = times if times is not None else (
         (last.user_s, last.system_s) if last is not None else (0.0, 0.0))
     if ended_at is not None:
-        span = ended_at - first.t if first is not None else 0.0
+        span = ended_at - started if started is not None else 0.0
         percent = 100 * (user + system) / span if span > 0 else None
     elif previous is not None and last is not None and last.t > previous.t:
         used = last.user_s + last.system_s - previous.user_s - previous.system_s
@@ -239,6 +238,15 @@ def _gpu_peaks(samples: list[Sample]) -> dict[int, int]:
         for gpu in sample.gpus:
             peaks[gpu["index"]] = max(peaks.get(gpu["index"], 0), gpu["memory_bytes"])
     return peaks
+
+
+def _started_at(attempt_dir: Path, first: Sample | None) -> float | None:
+    """When the attempt's command started: its wrapper writes its pid file first thing (a
+    Ray node has none, and samples at once); else its first sample, if any."""
+    try:
+        return os.lstat(attempt_dir / "pid").st_mtime
+    except OSError:
+        return None if first is None else first.t
 
 
 def _ended_at(attempt_dir: Path) -> float | None:
