@@ -168,9 +168,9 @@ def usage_of(attempt_dir: Path, sampler: UsageSampler,
 def summarise(started: float | None, previous: Sample | None, last: Sample | None,
               samples: int, peak_rss: int, peak_gpu: dict[int, int],
               times: tuple[float, float] | None, ended_at: float | None) -> dict[str, Any]:
-    """The `usage` object (docs/api.md): CPU seconds, CPU % now (or over the whole attempt
-    once it ended at `ended_at`), memory now and at its peak, each GPU's last figures and
-    peak memory."""
+    """The `usage` object (docs/api.md): CPU seconds, CPU % now (or, once it ended, over the
+    whole attempt, from `started` to `ended_at`), memory now and at its peak, each GPU's last
+    figures and peak memory."""
     final = ended_at is not None
     user, system = times if times is not None else (
         (last.user_s, last.system_s) if last is not None else (0.0, 0.0))
