@@ -14,6 +14,7 @@ import time
 
 from velda import wire
 from velda.paths import server_file, token_file, velda_home
+from velda.server_address import alive, read_token, split_url
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class Client:
         """The URL in server.json while its process lives (a signal 0, no round trip);
         else a newly started server's."""
         info = read_server_info(self.home)
-        if info and _alive(info.get("pid")):
+        if info and alive(info.get("pid")):
             return str(info["url"])
         if not start:
             raise VeldaError(f"no velda server is running for {self.home}")
@@ -95,7 +96,7 @@ class Client:
         if self._moved():
             return
         info = read_server_info(self.home)
-        if self._may_start and not _alive(info and info.get("pid")):
+        if self._may_start and not alive(info and info.get("pid")):
             try:
                 self._use(self._start_server())
                 return
@@ -107,7 +108,7 @@ class Client:
         """Does this home's server.json name a live server at another URL (a restarted
         server that could not get its port back)? Then use that one."""
         info = read_server_info(self.home) if self._local else None
-        if info and _alive(info.get("pid")) and info["url"] != self.url:
+        if info and alive(info.get("pid")) and info["url"] != self.url:
             self._use(str(info["url"]))
             return True
         return False
@@ -119,13 +120,11 @@ class Client:
         self._warned = True
 
     def _local_token(self) -> str:
-        try:
-            with open(token_file(self.home)) as f:
-                return f.read().strip()
-        except OSError:
+        token = read_token(self.home)
+        if token is None:
             raise VeldaError(
-                f"no token: set VELDA_TOKEN or run on the server's machine ({self.home})"
-            ) from None
+                f"no token: set VELDA_TOKEN or run on the server's machine ({self.home})")
+        return token
 
     # --- HTTP
 
@@ -432,15 +431,6 @@ def _id(task_id: str) -> str:
     return task_id
 
 
-def split_url(url: str) -> tuple[str, int]:
-    """('host', port) of http://host:port[/...], without urllib's import cost."""
-    rest = url.split("://", 1)[-1].split("/", 1)[0]
-    host, _, port = rest.rpartition(":") if not rest.endswith("]") else (rest, "", "")
-    if not host or not port.isdigit():
-        host, port = rest, "80"
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 def read_server_info(home: str) -> dict[str, Any] | None:
     """What the running server wrote in server.json: url and pid."""
     try:
@@ -449,23 +439,6 @@ def read_server_info(home: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) and "url" in info else None
-
-
-def _alive(pid: object) -> bool:
-    """A live process, not a killed one left a zombie (whose parent may never reap it)."""
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[-1].split()[:1] != [b"Z"]
-    except OSError:
-        return True  # no /proc here: the signal said it lives
 
 
 def healthy(url: str) -> bool:
@@ -540,5 +513,5 @@ def _answering_url(home: str) -> str | None:
     """The URL of the home's server if it runs and answers. A dead server's URL may answer
     too: another program may have taken its port."""
     info = read_server_info(home)
-    url = str(info["url"]) if info and _alive(info.get("pid")) else None
+    url = str(info["url"]) if info and alive(info.get("pid")) else None
     return url if url and healthy(url) else None
