@@ -97,6 +97,26 @@ def test_many_attempts_started_at_once_each_run_once_with_their_own_output(
     assert sorted(int(line) for line in ran.read_text().split()) == list(range(24))
 
 
+def _lines(first: int, last: int) -> str:
+    return "".join(f"{n}\n" for n in range(first, last + 1))
+
+
+@pytest.mark.parametrize(("script", "out", "err"), [
+    ("seq 3; seq 2 >&2", _lines(1, 3), _lines(1, 2)),  # all of it comes with the exit
+    ("seq 100000; seq 50000 >&2", _lines(1, 100000), _lines(1, 50000)),  # too much to hold
+    ("seq 10; seq 5 >&2; sleep 0.1; seq 11 20; seq 6 9 >&2", _lines(1, 20), _lines(1, 9)),
+], ids=["short", "large", "long"])
+def test_output_comes_back_exactly_whether_held_or_streamed(
+        ray: Harness, tmp_path: Path, script: str, out: str, err: str) -> None:
+    # A short command's record comes back with its exit; one that writes more than the node
+    # holds, or runs on, streams it to the bridge over TCP (ray_node.py).
+    launch = ray.launch(tmp_path, ["sh", "-c", f"{script}; exit 3"])
+    assert ray.run_to_end(launch, timeout_s=120) == Exit(3, None, Reason.EXIT)
+    assert launch.stdout_path.read_text() == out
+    assert launch.stderr_path.read_text() == err
+    assert ray.events.started[(launch.task_id, 1)]["pid"] > 0
+
+
 def test_a_working_directory_missing_on_the_node_fails_the_attempt(ray: Harness,
                                                                    tmp_path: Path) -> None:
     no_dir = ray.launch(tmp_path, ["true"], cwd=tmp_path / "gone")

@@ -8,12 +8,14 @@ Three places, three processes, three modules:
   the Ray driver of the pool, and talks to it through JSON lines on its stdin and stdout. If
   the bridge dies, the engine reports its attempts `lost` and starts a new bridge on the next
   call.
-- The bridge (ray_bridge.py) submits each attempt as one streaming-generator Ray task, writes
-  the output it yields to the attempt's log files, records the attempt in `ray.json` in the
+- The bridge (ray_bridge.py) submits each attempt as one plain Ray task, writes the output
+  the node sends back to the attempt's log files, records the attempt in `ray.json` in the
   attempt directory, and watches the head and each running attempt's node.
 - On the node, `ray_node.run_attempt` (standard library and ray only: it is pickled by value,
-  so nodes need no velda install) runs the argv as a process group and streams its output
-  back; a small TCP control port on the node takes signals, cancels, and CPU lending.
+  so nodes need no velda install) runs the argv as a process group. A short command's whole
+  record (start, output, usage, exit) is the Ray task's return value; a longer one streams
+  it to the bridge over TCP as it comes. A small TCP control port on the node takes
+  signals, cancels, and CPU lending.
 
 When the server stops or dies, its bridge cancels what Ray has not started yet and lets the
 running attempts finish, still writing their logs and `ray.json`, then exits. The next
@@ -382,12 +384,10 @@ def workdir_of(pool: Pool) -> str:
 
 
 def ray_options(launch: Launch) -> dict[str, Any]:
-    """What one attempt asks of Ray: the pool's resources, per task."""
+    """What one attempt asks of Ray: the pool's resources, per task. No name of its own: a
+    name per task would make each submit set its options again (a third of its cost)."""
     need = launch.pool.resources
-    options: dict[str, Any] = {
-        "num_cpus": need.cpus, "num_gpus": need.gpus,
-        "name": f"velda-{launch.task_id}-{launch.attempt}",
-    }
+    options: dict[str, Any] = {"num_cpus": need.cpus, "num_gpus": need.gpus}
     if need.memory_mb:
         options["memory"] = need.memory_mb * 1024 * 1024
     if need.custom:

@@ -6,20 +6,23 @@ its stdout (`ready`, `fatal`, `running`, `exited`). The server never imports Ray
 `_exit` on its own process when the head has been gone for a while, can hang in `ray.init`,
 and costs ~100 MB.
 
-The bridge submits every attempt as a streaming-generator task (`ray_node.run_attempt`) with
-the pool's `num_cpus`/`num_gpus`/`memory`/custom resources (`max_retries=0`: velda retries
-itself, and a re-executed generator would duplicate output). It appends the chunks the
-generator yields to the attempt's log files (each opened with its first byte), so output bytes
-never pass through the server, and keeps the attempt's state (bridge, node, control port,
-exit) in `ray.json` in the attempt directory: written before the submit (so a next server
-waits for this bridge rather than starting the attempt again), when the command starts, and
-when it ends. A watchdog fails every attempt when the head stops answering.
+The bridge submits every attempt as one plain Ray task (`ray_node.run_attempt`) with the
+pool's `num_cpus`/`num_gpus`/`memory`/custom resources (`max_retries=0`: velda retries
+itself, and a re-executed attempt would duplicate output). An attempt that runs on past a few
+milliseconds connects back to the bridge's TCP port and streams its record (start, output,
+usage) in frames; a shorter one returns its whole record with its exit status (ray_node.py).
+The bridge appends the output to the attempt's log files (each opened with its first byte),
+so output bytes never pass through the server, and keeps the attempt's state (bridge, node,
+control port, exit) in `ray.json` in the attempt directory: written with the submit, before
+the bridge does anything else (so a next server waits for this bridge rather than starting
+the attempt again), when the command starts, and when it ends. A watchdog fails every
+attempt when the head stops answering.
 
 Short commands come by the hundred per second, and on this path every system call and every
 hop between threads shows: the starts of a scheduling pass come in one write, events of one
 turn of the loop go out in one write, a submit happens on the loop (under a millisecond;
 only packing a directory to upload goes to a thread), `ray.json` is one descriptor written
-over in place, and a streamed item already at hand is taken without waiting.
+over in place, and a short attempt costs one Ray task and no connection.
 
 When the server stops or dies, the bridge sees the end of its stdin: it cancels what Ray has
 not started yet and lets the running attempts finish, still writing their logs and
@@ -35,7 +38,9 @@ import io
 import json
 import logging
 import os
+import secrets
 import signal
+import struct
 import sys
 import tarfile
 import time
@@ -53,6 +58,8 @@ _LINE_LIMIT = 64 * 1024 * 1024  # one start command carries the task's whole env
 _UPLOAD_LIMIT = 512 * 1024 * 1024  # Ray's own limit for a working_dir
 _UPLOAD_SKIP = frozenset({".git", "__pycache__"})
 _PING_S = 5.0  # how often a running attempt's node is asked whether it is still there
+_HEADER_SIZE = struct.calcsize(ray_node.FRAME_HEADER)
+_CHANNEL_END_S = 10.0  # how long the rest of a streamed record may take after the exit
 
 log = logging.getLogger("velda.engines.ray_bridge")
 
@@ -62,12 +69,19 @@ class _Run:
     state_path: str
     log_paths: dict[str, str]  # by stream
     state: dict[str, Any]
-    gen: Any = None  # the ObjectRefGenerator, once submitted
+    ref: Any = None  # the Ray task's ObjectRef, once submitted
+    token: str = field(default_factory=lambda: secrets.token_hex(16))  # its node connects with
+    channel: asyncio.Task[None] | None = None  # reading what its node streams, if it does
+    channel_end: asyncio.Future[None] | None = None  # done once all it streamed is written
+
+    def streamed(self) -> asyncio.Future[None]:
+        if self.channel_end is None:
+            self.channel_end = asyncio.get_running_loop().create_future()
+        return self.channel_end
     control: Control | None = None  # once running
     cancel_grace: float | None = None
     lending: bool = False  # its command waits in a vrun: its CPUs go to the children
     orphaned: bool = False  # cancelled because the server went away before it started
-    exit: dict[str, Any] | None = None
     logs: dict[str, IO[bytes]] = field(default_factory=dict)  # opened at their first byte
     index_fd: int = -1  # the attempt's chunk index (velda/logindex.py), once open
     state_fd: int = -1  # ray.json, once written
@@ -183,8 +197,16 @@ class Bridge:
         ray.cloudpickle.register_pickle_by_value(ray_node)
         ray.cloudpickle.register_pickle_by_value(proc_tree)  # ray_node's sampling
         self.remote = ray.remote(ray_node.run_attempt)
+        self.remotes: dict[str, Any] = {}  # by options: setting them costs more than a submit
+        self.back: list[Any] = []  # [host, TCP port, UDP port] where nodes send records
 
     async def serve(self) -> int:
+        host = self.ray.util.get_node_ip_address()
+        listener = await asyncio.start_server(self._channel, host, 0, limit=_LINE_LIMIT)
+        announcements, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _Announcements(self), local_addr=(host, 0))
+        self.back = [host, listener.sockets[0].getsockname()[1],
+                     announcements.get_extra_info("sockname")[1]]
         commands = asyncio.create_task(self._read_commands())
         watchdog = asyncio.create_task(self._watch_head())
         _emit(self.events, {"ev": "ready"})
@@ -270,14 +292,15 @@ class Bridge:
         key = command["key"]
         logs = {"stdout": command["stdout"], "stderr": command["stderr"]}
         run = _Run(key, command["state"], logs, {"bridge": self.me})
-        run.save()  # before the submit: a next server must see that this bridge has it
         self.runs[key] = run
         try:
-            result = await self._follow(run, self._submit_soon(command))
+            result = await self._follow(run, self._submit_soon(run, command))
             run.state["exit"] = result
             run.save()
         finally:
             del self.runs[key]
+            if run.channel is not None:  # a node that stopped answering mid-stream
+                run.channel.cancel()
             run.close_files()
         self._event({"ev": "exited", "key": key, "exit": result})
 
@@ -294,7 +317,7 @@ class Bridge:
             self.events.flush()
 
     async def _follow(self, run: _Run, submitted: asyncio.Future[Any]) -> dict[str, Any]:
-        """The attempt's exit, once its stream ends or its node stops answering."""
+        """The attempt's exit, once its task returns or its node stops answering."""
         stream = asyncio.ensure_future(self._stream(run, submitted))
         silent = asyncio.ensure_future(self._watch_node(run))
         await asyncio.wait({stream, silent}, return_when=asyncio.FIRST_COMPLETED)
@@ -305,7 +328,7 @@ class Bridge:
         with contextlib.suppress(asyncio.CancelledError):
             await stream
         with contextlib.suppress(Exception):  # the node may be gone with the worker
-            await asyncio.to_thread(self.ray.cancel, run.gen, force=True)
+            await asyncio.to_thread(self.ray.cancel, run.ref, force=True)
         node = run.state["node"]["node_ip"]
         return self._note(run, f"node {node} stopped answering for {self.node_timeout_s:g} s; "
                           "the attempt is lost", Reason.LOST)
@@ -326,66 +349,124 @@ class Bridge:
 
     async def _stream(self, run: _Run, submitted: asyncio.Future[Any]) -> dict[str, Any]:
         try:
-            run.gen = await submitted
+            run.ref = await submitted
             if run.cancel_grace is not None:  # cancelled while submitting
                 await self._cancel(run, run.cancel_grace)
-            async for ref in run.gen:
-                kind, payload = await self._value(ref)
-                await self._chunk(run, kind, payload)
+            result = await run.ref
         except Exception as e:
+            if run.channel is not None:  # what it sent before it failed
+                await self._channel_end(run)
             return self._failure(run, e)
-        if run.exit is None:
-            return self._note(run, "ended without an exit status", Reason.ENGINE_ERROR)
-        return run.exit
+        if result["streamed"]:
+            await self._channel_end(run)
+        for kind, payload in result["items"]:
+            await self._chunk(run, kind, payload)
+        exit: dict[str, Any] = result["exit"]
+        return exit
 
-    async def _value(self, ref: Any) -> Any:
-        """A streamed item. Small ones (all of ray_node's) come inline with the report that
-        the item is ready: a get without waiting spares a round trip through Ray's threads."""
-        try:
-            return self.ray.get(ref, timeout=0)
-        except self.ray.exceptions.GetTimeoutError:
-            return await ref
+    async def _channel_end(self, run: _Run) -> None:
+        """Once what the node streamed is all written: its connection closes before its task
+        returns, but may be accepted and read here after the return value came."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(run.streamed()), _CHANNEL_END_S)
 
-    def _submit_soon(self, command: dict[str, Any]) -> asyncio.Future[Any]:
-        """The streaming generator of the attempt. Submitting takes well under a millisecond
-        and happens here; packing a directory to upload can take seconds, in a thread."""
+    async def _channel(self, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
+        """One attempt's record as its node streams it: a line naming the attempt, then
+        frames (ray_node.FRAME_HEADER) until the node closes the connection."""
+        with contextlib.closing(writer):
+            try:
+                hello = json.loads(await reader.readline())
+                run = self.runs.get(str(hello["key"]))
+                if run is None or not secrets.compare_digest(str(hello["token"]), run.token):
+                    return
+            except (OSError, ValueError, KeyError, TypeError):
+                return
+            run.channel = asyncio.current_task()
+            try:
+                with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                    while frame := await _read_frame(reader):
+                        await self._frame(run, *frame)
+            finally:
+                if not run.streamed().done():
+                    run.streamed().set_result(None)
+
+    async def _frame(self, run: _Run, kind: str, payload: bytes) -> None:
+        if kind == "start":
+            await self._chunk(run, kind, json.loads(payload))
+        elif kind in ("usage", "times"):
+            await self._chunk(run, kind, payload.decode())
+        else:
+            await self._chunk(run, kind, payload)
+
+    def _submit_soon(self, run: _Run, command: dict[str, Any]) -> asyncio.Future[Any]:
+        """The Ray task of the attempt. Submitting takes well under a millisecond
+        and happens here; packing a directory to upload can take seconds, in a thread.
+        ray.json is written before the loop turns: a next server must see that this bridge
+        has the attempt (and should this bridge die meanwhile, Ray kills its tasks)."""
         if command["upload"]:
-            return asyncio.ensure_future(asyncio.to_thread(self._submit, command))
+            run.save()
+            return asyncio.ensure_future(asyncio.to_thread(self._submit, run, command))
         submitted = asyncio.get_running_loop().create_future()
         try:
-            submitted.set_result(self._submit(command))
+            submitted.set_result(self._submit(run, command))
         except Exception as e:
             submitted.set_exception(e)
+        run.save()
         return submitted
 
-    def _submit(self, command: dict[str, Any]) -> Any:
-        options = {
-            **command["options"], "num_returns": "streaming", "max_retries": 0,
-            "_generator_backpressure_num_objects": 256,
-        }
-        archive = self.ray.put(pack_directory(command["cwd"])) if command["upload"] else None
-        return self.remote.options(**options).remote(
-            command["argv"], command["cwd"], command["env"], archive, command.get("terminal")
-        )
+    def _submit(self, run: _Run, command: dict[str, Any]) -> Any:
+        options = command["options"]
+        spec = json.dumps({
+            "argv": command["argv"], "cwd": command["cwd"], "env": command["env"],
+            "terminal": command.get("terminal"), "gpus": bool(options.get("num_gpus")),
+            "back": [*self.back, run.key, run.token],
+        }).encode()
+        if command["upload"]:
+            return self._remote(options).remote(spec, self.ray.put(pack_directory(command["cwd"])))
+        return self._remote(options).remote(spec)
+
+    def _remote(self, options: dict[str, Any]) -> Any:
+        key = json.dumps(options, sort_keys=True)
+        if key not in self.remotes:
+            self.remotes[key] = self.remote.options(**options, max_retries=0)
+        return self.remotes[key]
+
+    def announced(self, message: dict[str, Any]) -> None:
+        """A node's datagram: this attempt's command has started."""
+        run = self.runs.get(str(message["key"]))
+        if run is not None and secrets.compare_digest(str(message["token"]), run.token):
+            self._started(run, message["start"])
 
     async def _chunk(self, run: _Run, kind: str, payload: Any) -> None:
         if kind in ("stdout", "stderr"):
             run.append(kind, payload)
         elif kind == "start":
-            host, port = payload["control"]
-            token = payload.pop("token")
-            run.control = (host, port, token)
-            run.state.update(node=payload, control=[host, port], token=token)
-            run.save()
-            self._event({"ev": "running", "key": run.key, "node": payload})
-            if run.cancel_grace is not None:
-                await self._cancel(run, run.cancel_grace)
-            elif run.lending:
-                await self._lend(run, True)
+            await self._started(run, payload)
         elif kind in ("usage", "times"):  # what it used, where the server reads it
             run.measured(kind, payload)
-        elif kind == "exit":
-            run.exit = payload
+
+    def _started(self, run: _Run, start: dict[str, Any]) -> asyncio.Future[None]:
+        """The attempt's command runs (said once: by a datagram, its record, or both)."""
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        if run.control is not None:
+            return done
+        host, port = start["control"]
+        token = start.pop("token")
+        run.control = (host, port, token)
+        run.state.update(node=start, control=[host, port], token=token)
+        run.save()
+        self._event({"ev": "running", "key": run.key, "node": start})
+        if run.cancel_grace is None and not run.lending:
+            return done
+        # what was asked before it ran
+        action = (self._cancel(run, run.cancel_grace) if run.cancel_grace is not None
+                  else self._lend(run, True))
+        task = asyncio.ensure_future(action)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     def _failure(self, run: _Run, e: Exception) -> dict[str, Any]:
         exceptions = self.ray.exceptions
@@ -422,16 +503,39 @@ class Bridge:
 
     async def _cancel(self, run: _Run, grace_s: float) -> None:
         run.cancel_grace = grace_s
-        if run.gen is None:
+        if run.ref is None:
             return  # _follow cancels once submitted
         if run.control is not None:
             if await control_request(run.control, {"op": "cancel", "grace_s": grace_s}):
                 return
-            await asyncio.to_thread(self.ray.cancel, run.gen, force=True)
+            await asyncio.to_thread(self.ray.cancel, run.ref, force=True)
             return
         # Not running yet: drops it from Ray's queue (or interrupts it if it just started;
         # the node side then kills the process group).
-        await asyncio.to_thread(self.ray.cancel, run.gen)
+        await asyncio.to_thread(self.ray.cancel, run.ref)
+
+
+class _Announcements(asyncio.DatagramProtocol):
+    """Where nodes announce that an attempt's command started (ray_node.py)."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            self.bridge.announced(json.loads(data))
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[str, bytes] | None:
+    """The next (kind, payload) of a node's record; None at its end."""
+    try:
+        header = await reader.readexactly(_HEADER_SIZE)
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            raise
+        return None
+    kind, size = struct.unpack(ray_node.FRAME_HEADER, header)
+    return ray_node.FRAME_KINDS[kind], await reader.readexactly(size)
 
 
 def pack_directory(path: str) -> bytes:

@@ -4,15 +4,20 @@ The bridge (ray_bridge.py) registers this module to be pickled by value, so a no
 and the standard library only, no velda install: nothing here may import velda but
 proc_tree.py, which the bridge registers by value too.
 
-`run_attempt` is a streaming generator task. It starts the argv in a new session with pipes
-for stdout and stderr, in the submitter's cwd (`workdir = "shared"`) or in a fresh copy of it
-unpacked from a tarball the bridge put in the object store (`workdir = "upload"`), and yields
-what happens: a "start" record, the output in chunks, then the exit status. A small TCP
-control port lets the bridge signal the process group (Ray's own `cancel` cannot deliver a
-chosen signal, and with `force=False` it does not interrupt a process wait). A `/bin/sh`
-guard kills the process group when the worker goes away, even by SIGKILL. A worker keeps its
-control port and its guard for all the attempts it runs: started once, they cost a short
-command nothing.
+`run_attempt` is a plain Ray task. It starts the argv in a new session with pipes for stdout
+and stderr, in the submitter's cwd (`workdir = "shared"`) or in a fresh copy of it unpacked
+from a tarball the bridge put in the object store (`workdir = "upload"`), and records what
+happens: a "start" record, the output in chunks, usage samples. A command that ends within
+_HOLD_S (most short ones) sends nothing on the way: its whole record comes back as the task's
+return value, with the exit status. One that runs on (or writes more than _HOLD_BYTES) opens
+a TCP connection to the bridge (`back`: its address and the attempt's token) and streams its
+record there as it happens, in frames; the return value then carries the exit status only.
+Either way the start is announced at once by a datagram. (A streaming-generator task would
+do all this at about half the rate of a plain task.) A small TCP control port lets the
+bridge signal the process group (Ray's own `cancel` cannot deliver a chosen signal, and with
+`force=False` it does not interrupt a process wait). A `/bin/sh` guard kills the process
+group when the worker goes away, even by SIGKILL. A worker keeps its control port and its
+guard for all the attempts it runs: started once, they cost a short command nothing.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from velda.engines.proc_tree import sample_line, times_text, tree_figures
@@ -38,33 +44,122 @@ _LINGER_S = 0.005
 _DRAIN_S = 1.0  # how long the pipes may stay open after the command exits
 _LEND_WAIT_S = 0.05  # while lending, output is read between waits this long
 USAGE_INTERVAL_S = 1.0  # as the server samples local attempts (server/usage.py)
+_HOLD_S = 0.01  # an attempt that ends sooner reports everything with its exit
+_HOLD_BYTES = 256 * 1024  # ... if it wrote no more than this
+FRAME_KINDS = ("start", "stdout", "stderr", "usage", "times")  # on the connection to the bridge
+FRAME_HEADER = "!BI"  # struct: kind (index in FRAME_KINDS), payload length
 
 
-def run_attempt(
-    argv: list[str], cwd: str, env: dict[str, str], archive: bytes | None,
-    terminal: list[int] | None = None,
-) -> Iterator[tuple[str, Any]]:
-    """Yields ("start", info), then ("stdout"|"stderr", bytes) chunks with ("usage", line)
-    samples of what it uses among them, then ("times", its CPU totals) and ("exit", status).
-    With a terminal [rows, cols], the command runs on a pseudo-terminal of that size: its
-    whole session comes as "stdout", and the control port types into it."""
+def run_attempt(spec: bytes, archive: bytes | None = None) -> dict[str, Any]:
+    """Runs the attempt `spec` (JSON: argv, cwd, env, terminal, gpus, back: one argument, as
+    each argument of a Ray task costs its submit a serialization) and returns {"exit":
+    status, "items": [(kind, payload), ...] not sent to the bridge, "streamed": whether a
+    connection to the bridge was opened}. The record is ("start", info), then
+    ("stdout"|"stderr", bytes) chunks with ("usage", line) samples of what it uses among
+    them, then ("times", its CPU totals). With a terminal [rows, cols], the command runs on a
+    pseudo-terminal of that size: its whole session comes as "stdout", and the control port
+    types into it. `gpus`: the task asked Ray for GPUs. `back` is [host, TCP port, UDP port,
+    key, token] of the bridge: the start is announced at once by a datagram (a hint that
+    spares a short attempt's start the wait for its return value; the record carries it
+    too)."""
     import shutil
 
+    attempt = json.loads(spec)
     copy = _unpack(archive) if archive is not None else None
+    channel = _Channel(attempt["back"])
+    record = _run_in(attempt["argv"], copy or attempt["cwd"], attempt["env"],
+                     attempt["terminal"], attempt["gpus"])
     try:
-        yield from _run_in(argv, copy or cwd, env, terminal)
+        for kind, payload in record:
+            if kind == "exit":
+                return channel.close(payload)
+            if kind == "hold":
+                channel.open()
+            else:
+                channel.put(kind, payload)
+        raise RuntimeError("the attempt ended without an exit status")
     finally:
+        record.close()  # its own `finally` ends the attempt's process group
+        channel.shut()
         if copy is not None:
             shutil.rmtree(copy, ignore_errors=True)
 
 
+class _Channel:
+    """Where an attempt's record goes: kept here while the attempt is short, so that it comes
+    back with the exit status in the task's return value (no connection at all), else sent
+    to the bridge over TCP as it happens."""
+
+    def __init__(self, back: list[Any]) -> None:
+        self.back = back
+        self.held: list[tuple[str, Any]] = []
+        self.held_bytes = 0
+        self.sock: socket.socket | None = None
+        self.unreachable = False  # the bridge could not be reached: all comes back at the end
+
+    def put(self, kind: str, payload: Any) -> None:
+        if kind == "start" and self.sock is None:
+            self.announce(payload)
+        if self.sock is None:
+            self.held.append((kind, payload))
+            self.held_bytes += len(payload) if isinstance(payload, bytes) else 0
+            if self.held_bytes > _HOLD_BYTES:
+                self.open()
+            return
+        data = (json.dumps(payload).encode() if kind == "start"
+                else payload if isinstance(payload, bytes) else str(payload).encode())
+        self.sock.sendall(struct.pack(FRAME_HEADER, FRAME_KINDS.index(kind), len(data)) + data)
+
+    def announce(self, start: dict[str, Any]) -> None:
+        host, _, port, key, token = self.back
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.sendto(json.dumps({"key": key, "token": token, "start": start}).encode(),
+                     (host, port))
+
+    def open(self) -> None:
+        """From now on the record goes to the bridge at once (what was kept goes first). If
+        the bridge cannot be reached, it stays here and comes back with the exit."""
+        if self.sock is not None or self.unreachable:
+            return
+        host, port, _, key, token = self.back
+        try:
+            sock = socket.create_connection((host, port), timeout=30)
+            sock.settimeout(None)  # a slow bridge holds the command back, as a full pipe does
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(json.dumps({"key": key, "token": token}).encode() + b"\n")
+        except OSError:
+            self.unreachable = True
+            return
+        self.sock = sock
+        held, self.held = self.held, []
+        for kind, payload in held:
+            self.put(kind, payload)
+
+    def close(self, status: dict[str, Any]) -> dict[str, Any]:
+        """The return value: the exit status, and what was not sent."""
+        streamed = self.sock is not None
+        self.shut()
+        return {"exit": status, "items": self.held, "streamed": streamed}
+
+    def shut(self) -> None:
+        """Close the connection: its end tells the bridge that it has all that was sent."""
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.sock = None
+
+
 def _run_in(
-    argv: list[str], cwd: str, env: dict[str, str], terminal: list[int] | None
-) -> Iterator[tuple[str, Any]]:
+    argv: list[str], cwd: str, env: dict[str, str], terminal: list[int] | None, gpus: bool
+) -> Generator[tuple[str, Any], None, None]:
+    """Yields the attempt's record, ("hold", None) once it has run _HOLD_S, and last
+    ("exit", status)."""
     ray: Any = importlib.import_module("ray")
-    node_ip = ray.util.get_node_ip_address()
-    context = ray.get_runtime_context()
-    env = _node_env(env, cwd, context.gcs_address, bool(context.get_accelerator_ids().get("GPU")))
+    node_ip, node_id, gcs_address = _node(ray)
+    if gpus:
+        gpus = bool(ray.get_runtime_context().get_accelerator_ids().get("GPU"))
+    env = _node_env(env, cwd, gcs_address, gpus)
     guard = _guard()  # before the command starts: the worker's own, started once
     master = _Terminal(terminal) if terminal else None
     usage = _Usage()  # before the command starts: what the worker's children used until now
@@ -78,7 +173,6 @@ def _run_in(
     guard = guard.watch(proc.pid)
     control = _Control(proc.pid, node_ip, master)
     try:
-        node_id = context.get_node_id()
         yield ("start", {"node_ip": node_ip, "node_id": node_id, "pid": proc.pid,
                          "control": [node_ip, control.port], "token": control.token})
         usage.leader = proc.pid
@@ -92,6 +186,17 @@ def _run_in(
         proc.wait()
         if master is not None:
             master.close()
+
+
+_NODE: list[tuple[str, str, str]] = []  # this worker's node: IP, ID, GCS address
+
+
+def _node(ray: Any) -> tuple[str, str, str]:
+    if not _NODE:
+        context = ray.get_runtime_context()
+        _NODE.append((ray.util.get_node_ip_address(), context.get_node_id(),
+                      context.gcs_address))
+    return _NODE[0]
 
 
 def _unpack(archive: bytes) -> str:
@@ -224,17 +329,25 @@ def _status(returncode: int) -> dict[str, Any]:
 
 def _pump(
     proc: subprocess.Popen[bytes], lender: _Lender, terminal: _Terminal | None, usage: _Usage
-) -> Iterator[tuple[str, bytes | str]]:
+) -> Iterator[tuple[str, bytes | str | None]]:
     """The process's output in order per stream, until both pipes (or its terminal) close,
-    with a usage sample (a line of text) now and then."""
+    with a usage sample (a line of text) now and then, and ("hold", None) once it has run
+    _HOLD_S."""
     import time
 
     output = _Output(proc, terminal)
     deadline = None
+    hold_until: float | None = time.monotonic() + _HOLD_S
+    usage.next_at = time.monotonic() + _HOLD_S  # none for a command that ends within the hold
     while output.open():
-        chunks, idle = output.read(0.0 if lender.wait() else None)
-        for chunk in chunks:  # not `yield from`: Ray calls send() on this generator
-            yield chunk
+        wait_s = 0.0 if lender.wait() else None
+        if hold_until is not None:
+            wait_s = max(0.0, hold_until - time.monotonic()) if wait_s is None else wait_s
+        chunks, idle = output.read(wait_s)
+        yield from chunks
+        if hold_until is not None and time.monotonic() >= hold_until:
+            hold_until = None
+            yield ("hold", None)
         sample = usage.sample_if_due()
         if sample is not None:
             yield ("usage", sample)
@@ -242,15 +355,15 @@ def _pump(
             deadline = _drain_deadline(proc, deadline)
             if deadline is not None and time.monotonic() > deadline + _DRAIN_S:
                 break  # something outside the group holds a pipe: stop waiting for it
-    for chunk in output.flush():
-        yield chunk
+    yield from output.flush()
     proc.wait()
 
 
 class _Output:
     """The command's two pipes, read into chunks of up to _READ_SIZE. A chunk goes out once
-    full, at the end of its pipe, or _LINGER_S after its first byte: each chunk costs a Ray
-    round trip, and a writer's small writes would otherwise each make one."""
+    full, at the end of its pipe, or _LINGER_S after its first byte: each chunk costs a frame
+    to the bridge and a write there, and a writer's small writes would otherwise each make
+    one."""
 
     def __init__(self, proc: subprocess.Popen[bytes], terminal: _Terminal | None) -> None:
         import selectors
@@ -316,7 +429,8 @@ class _Output:
 
 class _Usage:
     """What the attempt uses, measured on its node as the server measures a local attempt
-    (proc_tree.py): a sample of its process tree every USAGE_INTERVAL_S, the first at once,
+    (proc_tree.py): a sample of its process tree every USAGE_INTERVAL_S, the first once it
+    has run _HOLD_S,
     and its exact CPU totals at the end from what this worker's children used meanwhile (a
     worker runs one attempt at a time; its command is the only child it reaps)."""
 
@@ -325,7 +439,7 @@ class _Usage:
 
         self.leader: int | None = None  # the command, once started
         self.spent = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.next_at = 0.0
+        self.next_at = 0.0  # _pump sets the first
 
     def sample_if_due(self) -> str | None:
         """A line of the attempt's `usage` file, when one is due."""
