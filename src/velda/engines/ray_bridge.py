@@ -73,11 +73,6 @@ class _Run:
     token: str = field(default_factory=lambda: secrets.token_hex(16))  # its node connects with
     channel: asyncio.Task[None] | None = None  # reading what its node streams, if it does
     channel_end: asyncio.Future[None] | None = None  # done once all it streamed is written
-
-    def streamed(self) -> asyncio.Future[None]:
-        if self.channel_end is None:
-            self.channel_end = asyncio.get_running_loop().create_future()
-        return self.channel_end
     control: Control | None = None  # once running
     cancel_grace: float | None = None
     lending: bool = False  # its command waits in a vrun: its CPUs go to the children
@@ -88,6 +83,11 @@ class _Run:
     saved: int = 0  # the length of what save() last wrote there
     # typed input goes to the node one request after the other, in the order it came
     typing: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def streamed(self) -> asyncio.Future[None]:
+        if self.channel_end is None:
+            self.channel_end = asyncio.get_running_loop().create_future()
+        return self.channel_end
 
     def append(self, stream: str, payload: bytes) -> None:
         """Bytes to a log file, and to the index when they landed, so that the combined view

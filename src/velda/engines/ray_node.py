@@ -430,9 +430,9 @@ class _Output:
 class _Usage:
     """What the attempt uses, measured on its node as the server measures a local attempt
     (proc_tree.py): a sample of its process tree every USAGE_INTERVAL_S, the first once it
-    has run _HOLD_S,
-    and its exact CPU totals at the end from what this worker's children used meanwhile (a
-    worker runs one attempt at a time; its command is the only child it reaps)."""
+    has run _HOLD_S, and its exact CPU totals at the end from what this worker's children
+    used meanwhile (a worker runs one attempt at a time; its command is the only child it
+    reaps)."""
 
     def __init__(self) -> None:
         import resource
