@@ -105,8 +105,8 @@ def test_gpu_figures_come_from_nvml(velda: Velda) -> None:
     if not gpu_usage.available():
         pytest.skip(f"no GPU figures here: {gpu_usage.why_unavailable()}")
     velda.configure("[pools.gpu]\ngpus = 1\n")
-    task_id = velda.vbatch("-P", "gpu", "sleep", "3")
-    found = wait_for(velda, task_id, samples=2)
+    task_id = velda.vbatch("-P", "gpu", "sleep", "8")
+    found = wait_for(velda, task_id, samples=2)  # one a second, the first after one
     gpus = found["gpus"]
     assert isinstance(gpus, list) and [g["index"] for g in gpus] == [0]
     assert gpus[0]["memory_total_bytes"] > 0
