@@ -21,6 +21,7 @@ The machine may be busy with other work: read each figure against its same-run b
 from __future__ import annotations
 
 import argparse
+import bisect
 import http.client
 import json
 import os
@@ -436,9 +437,25 @@ def flood(root: Path, name: str, n: int, submit: Callable[[Server], None]) -> di
         end, succeeded = server.sql(
             "SELECT MAX(resolved_at), SUM(status='SUCCESS') FROM tasks")[0]
         own_after, waited_after = cpu_seconds(server.pid)
+        running, turn = slot_cycle(server.sql("SELECT started_at, finished_at FROM tasks"))
     log(f"   {succeeded:,} succeeded")
     return {"accepted": n / posted, "rate": n / (end - start), "own": (own_after - own) / n,
-            "waited": (waited_after - waited) / n}
+            "waited": (waited_after - waited) / n, "running": running, "turn": turn}
+
+
+def slot_cycle(rows: list[tuple[Any, ...]]) -> tuple[float, float]:
+    """Where a slot's time goes in a flood, as the store's clock saw it (medians): from an
+    attempt's start (committed before its spawn) to its exit committed, and from an exit
+    committed to the next start committed (the server's turn)."""
+    starts = sorted(started for started, _ in rows)
+    ends = sorted(finished for _, finished in rows)
+    turns = []
+    for started in starts:
+        before = bisect.bisect_right(ends, started)
+        if before:
+            turns.append(started - ends[before - 1])
+    running = statistics.median(finished - started for started, finished in rows)
+    return running, statistics.median(turns)
 
 
 def bench_flood(root: Path, sizes: Sizes, submitters: int = 4, batch: int = 1000) -> list[Row]:
@@ -469,6 +486,9 @@ def bench_flood(root: Path, sizes: Sizes, submitters: int = 4, batch: int = 1000
             f"{held:,.0f}/s", "—", "≥ 2,000/s", verdict(held >= 2000)),
         Row(f"  submits accepted: {batch:,} a request (POST /api/v1/tasks:batch)",
             f"{bulk['accepted']:,.0f}/s", "—", "≥ 2,000/s", verdict(bulk["accepted"] >= 2000)),
+        Row("  a slot's cycle: start to exit committed + exit to the next start (medians)",
+            f"{ms(bulk['running'])} + {ms(bulk['turn'])}",
+            f"xargs -P2, a cycle: {ms(2 / xargs_rate)}; wrapped {ms(2 / wrapped_rate)}"),
         Row("  server CPU per task: own + its task processes",
             f"{ms(one['own'])} + {ms(one['waited'])}", cpu_peer),
         Row(f"  the same, submitted {batch:,} a request",

@@ -70,6 +70,12 @@ class Terminal:
         raise AssertionError(f"the command did not end; its terminal showed {self.screen!r}")
 
 
+def ends_with(term: Terminal, code: int, timeout: float = 30) -> None:
+    """The command under the terminal exits with `code`; else say what the terminal showed."""
+    got = term.wait(timeout)
+    assert got == code, f"exit {got}, not {code}; its terminal showed {term.screen[-2000:]!r}"
+
+
 ASK_TERMINAL = ("import os, sys; "
                 "print(sys.stdin.isatty(), sys.stdout.isatty(), os.get_terminal_size())")
 PROMPT = b"# " if os.geteuid() == 0 else b"$ "  # how a shell's prompt ends, with any rc file
@@ -85,7 +91,7 @@ def vrun_has_a_terminal(velda: Velda, *pool: str) -> None:
     name = f"tty-{uuid.uuid4().hex[:8]}"
     term = Terminal(velda, "vrun", *pool, "--name", name, "python3", "-c", ASK_TERMINAL)
     term.expect(b"True True os.terminal_size(columns=100, lines=30)")
-    assert term.wait() == 0
+    ends_with(term, 0)
     task = velda.wait(name)
     assert task["terminal"] == {"rows": 30, "cols": 100}
     assert "True True" in velda.log(name).stdout  # the session is the task's log
@@ -97,7 +103,7 @@ def typed_input_reaches_a_shell_and_its_exit_code_comes_back(velda: Velda, *pool
     term.type(b"echo $((6 * 7)) $(tty)\r")
     term.expect(b"42 /dev/pts/")
     term.type(b"exit 3\r")
-    assert term.wait() == 3
+    ends_with(term, 3)
 
 
 def a_window_resize_reaches_the_task(velda: Velda, *pool: str) -> None:
@@ -106,7 +112,7 @@ def a_window_resize_reaches_the_task(velda: Velda, *pool: str) -> None:
     term.resize(40, 120)
     term.expect(b"resized (120, 40)")
     term.type(b"\x03")  # Ctrl-C is the task's terminal's own: SIGINT to the task
-    assert term.wait() == 130
+    ends_with(term, 130)
 
 
 def a_terminal_task_survives_a_killed_server(velda: Velda, *pool: str) -> None:
@@ -118,4 +124,4 @@ def a_terminal_task_survives_a_killed_server(velda: Velda, *pool: str) -> None:
     term.type(b"echo two$((2))\r")
     term.expect(b"two2", timeout=60)
     term.type(b"exit 4\r")
-    assert term.wait(timeout=60) == 4
+    ends_with(term, 4, timeout=60)

@@ -13,6 +13,7 @@ from pty_session import (
     Terminal,
     a_terminal_task_survives_a_killed_server,
     a_window_resize_reaches_the_task,
+    ends_with,
     typed_input_reaches_a_shell_and_its_exit_code_comes_back,
     vrun_has_a_terminal,
 )
@@ -38,7 +39,7 @@ def test_ctrl_c_of_vbatch_follow_answered_no_detaches(velda: Velda) -> None:
     term.expect(b"Cancel the task")
     term.type(b"\n")
     term.expect(b"keeps running")
-    assert term.wait() == 130
+    ends_with(term, 130)
     assert velda.get("kept")["status"] == "RUNNING"
     velda.run("velda", "task", "cancel", "kept", check=True)
 
@@ -47,7 +48,7 @@ def test_watch_draws_a_progress_bar_on_a_terminal(velda: Velda) -> None:
     parent = velda.vbatch("bash", "-c", "for i in 1 2 3 4; do vbatch sleep 0.2; done")
     term = Terminal(velda, "velda", "task", "watch", parent)
     term.expect(b"4/4 done: 4 succeeded")
-    assert term.wait() == 0
+    ends_with(term, 0)
     assert b"\r\x1b[K[" in term.screen
     assert b"[##############################] 4/4 done" in term.screen
 
@@ -82,7 +83,7 @@ def test_ctrl_z_and_fg_are_the_tasks_shells_own(velda: Velda) -> None:
     term.type(b"echo status $?\r")
     term.expect(b"status 130")
     term.type(b"exit 0\r")
-    assert term.wait() == 0
+    ends_with(term, 0)
 
 
 def test_without_a_terminal_nothing_changes(velda: Velda) -> None:
@@ -92,7 +93,7 @@ def test_without_a_terminal_nothing_changes(velda: Velda) -> None:
     term = Terminal(velda, "vrun", "--tty", "no", "python3", "-c",
                     "import sys; print(sys.stdin.read() == '', sys.stdout.isatty())")
     term.expect(b"True False")
-    assert term.wait() == 0
+    ends_with(term, 0)
 
 
 def test_a_terminal_task_survives_a_killed_server(velda: Velda) -> None:
