@@ -6,7 +6,8 @@ kills any task process they leave. Progress goes to stderr, one Markdown table t
     python bench/budgets.py [--quick] [--only 1,3]
 
 Sections: 1 `vbatch true` wall time; 2 submit-to-start on an idle pool; 3 10,000 trivial tasks
-through the API, one a request and 1,000 a request (`POST /api/v1/tasks:batch`); 4 1,000,000
+through the API, one a request and 1,000 a request (`POST /api/v1/tasks:batch`), with where a
+slot's cycle goes and the submit path alone (submits that wait on a running task); 4 1,000,000
 tasks stored (CLI list, API list, server RSS, server start); 5 memory of supervising a running
 task; 6 a task writing 1 GiB to stdout; 7 a scheduling pass and a submit with 10,000 tasks
 running on a synthetic engine. Uses hyperfine and tsp when installed (Debian packages

@@ -98,3 +98,14 @@ def test_without_a_terminal_nothing_changes(velda: Velda) -> None:
 
 def test_a_terminal_task_survives_a_killed_server(velda: Velda) -> None:
     a_terminal_task_survives_a_killed_server(velda)
+
+
+def test_a_terminal_in_a_home_too_long_for_a_unix_socket_path(tmp_path: Path) -> None:
+    # a Unix socket's address holds 108 bytes: the keeper's is reached through its directory
+    home = tmp_path / ("a-long-velda-home-" * 6)
+    assert len(str(home / "logs" / "1.1" / "terminal.sock")) > 108
+    velda = Velda(home, tmp_path / "work")
+    try:
+        typed_input_reaches_a_shell_and_its_exit_code_comes_back(velda)
+    finally:
+        velda.shutdown()

@@ -38,7 +38,7 @@ class Keepers:
                     (os.POSIX_SPAWN_DUP2, listener.fileno(), 3),
                 ])
         except OSError as e:
-            raise EngineError(f"cannot start the task's terminal: {e.strerror}") from e
+            raise EngineError(f"cannot start the task's terminal: {e.strerror or e}") from e
         self._by_dir[launch.attempt_dir] = (pid, True)
         return pid
 

@@ -46,7 +46,7 @@ import struct
 import sys
 import termios
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 SOCKET = "terminal.sock"
@@ -84,9 +84,24 @@ def frames(data: bytes, size: tuple[int, int] | None) -> bytes:
 async def send(sock_path: Path, data: bytes, size: tuple[int, int] | None) -> bool:
     """Type `data` into (and resize) the terminal kept for an attempt; False if no keeper
     answers there (the task has ended)."""
-    answer = await _request(lambda: asyncio.open_unix_connection(str(sock_path)),
-                            frames(data, size))
+    with _reachable(sock_path) as path:
+        answer = await _request(lambda: asyncio.open_unix_connection(path),
+                                frames(data, size))
     return answer is not None  # a keeper of an earlier version closes without a word
+
+
+@contextlib.contextmanager
+def _reachable(sock_path: Path) -> Iterator[str]:
+    """A name for the socket that fits a Unix socket address (108 bytes): a long VELDA_HOME
+    is reached through a descriptor of its directory, /proc/self/fd/N/terminal.sock."""
+    if len(os.fsencode(sock_path)) < 100:
+        yield str(sock_path)
+        return
+    directory = os.open(sock_path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{directory}/{sock_path.name}"
+    finally:
+        os.close(directory)
 
 
 async def send_over_tcp(host: str, port: int, token: str, data: bytes,
@@ -136,7 +151,8 @@ def listen(sock_path: Path) -> socket.socket:
         sock_path.unlink()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        listener.bind(str(sock_path))
+        with _reachable(sock_path) as path:
+            listener.bind(path)
         listener.listen(16)
     except OSError:
         listener.close()
