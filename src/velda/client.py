@@ -12,9 +12,9 @@ import os
 import sys
 import time
 
-from velda import wire
-from velda.paths import server_file, token_file, velda_home
-from velda.server_address import alive, read_token, split_url
+from velda import server_address, wire
+from velda.paths import token_file, velda_home
+from velda.server_address import alive, read_token, running_url, split_url
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -64,9 +64,9 @@ class Client:
     def _local_url(self, start: bool) -> str:
         """The URL in server.json while its process lives (a signal 0, no round trip);
         else a newly started server's."""
-        info = read_server_info(self.home)
-        if info and alive(info.get("pid")):
-            return str(info["url"])
+        url = running_url(self.home, json.loads)
+        if url:
+            return url
         if not start:
             raise VeldaError(f"no velda server is running for {self.home}")
         return self._start_server()
@@ -433,12 +433,7 @@ def _id(task_id: str) -> str:
 
 def read_server_info(home: str) -> dict[str, Any] | None:
     """What the running server wrote in server.json: url and pid."""
-    try:
-        with open(server_file(home)) as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) and "url" in info else None
+    return server_address.read_server_info(home, json.loads)
 
 
 def healthy(url: str) -> bool:

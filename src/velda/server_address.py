@@ -1,12 +1,36 @@
-"""Where the local server answers, as every client finds it: the host and port of a URL, a
-live server process, this home's token. Standard library's C-backed modules only: `vbatch`'s
-fast path (cli/fast_submit.py) imports this, and velda.client does too."""
+"""Where the local server answers, as every client finds it: the server.json of a live
+server process, the host and port of its URL, this home's token. Standard library's C-backed
+modules only: `vbatch`'s fast path (cli/fast_submit.py) imports this, and velda.client does
+too; each reads JSON with its own decoder (the fast path keeps `json` out)."""
 
 from __future__ import annotations
 
 import os
 
-from velda.paths import token_file
+from velda.paths import server_file, token_file
+
+TYPE_CHECKING = False  # typing's import would cost the fast path a few milliseconds
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    Loads = Callable[[bytes], Any]
+
+
+def read_server_info(home: str, loads: Loads) -> dict[str, Any] | None:
+    """What the running server wrote in server.json: url and pid."""
+    try:
+        with open(server_file(home), "rb") as f:
+            info = loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and "url" in info else None
+
+
+def running_url(home: str, loads: Loads) -> str | None:
+    """The URL in server.json while its process lives (a signal 0, no round trip)."""
+    info = read_server_info(home, loads)
+    return str(info["url"]) if info and alive(info.get("pid")) else None
 
 
 def split_url(url: str) -> tuple[str, int]:

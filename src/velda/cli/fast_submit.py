@@ -15,8 +15,8 @@ import _socket
 import os
 import sys
 
-from velda.paths import server_file, velda_home
-from velda.server_address import alive, read_token, split_url
+from velda.paths import velda_home
+from velda.server_address import read_token, running_url, split_url
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -134,20 +134,9 @@ def _labels(items: list[str]) -> dict[str, str] | None:
 def find_server() -> tuple[str, str] | None:
     """URL and token: VELDA_SERVER and VELDA_TOKEN, else this home's running server."""
     home = velda_home()
-    url = os.environ.get("VELDA_SERVER") or _running_url(home)
+    url = os.environ.get("VELDA_SERVER") or running_url(home, decode)
     token = os.environ.get("VELDA_TOKEN") or read_token(home)
     return (url, token) if url and token else None
-
-
-def _running_url(home: str) -> str | None:
-    try:
-        with open(server_file(home), "rb") as f:
-            info = decode(f.read())
-    except OSError:
-        return None
-    if not isinstance(info, dict) or "url" not in info or not alive(info.get("pid")):
-        return None
-    return str(info["url"])
 
 
 # --- one HTTP exchange, as velda.wire makes it
