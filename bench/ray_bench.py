@@ -42,6 +42,7 @@ from typing import Any
 
 BIN = Path(sys.executable).parent
 FINAL = {"SUCCESS", "FAILURE", "FAILED_UPSTREAM", "SKIPPED", "CANCELLED"}
+OPEN = "PENDING,QUEUED,RUNNING,RUNNING_SUBTASKS"
 START_TIMEOUT_S = 120
 AGENT_TIMEOUT_S = 30
 POLL_S = 0.005
@@ -177,9 +178,14 @@ def velda_batch_row(client: Any, pool: str, sizes: Sizes, work: Path) -> Row:
 
 
 def wait_all(client: Any, ids: list[str]) -> None:
-    for task_id in ids:  # in submit order: by the last one, most are done
-        while client.get(task_id)["status"] not in FINAL:
-            time.sleep(0.02)
+    """Until every one of `ids` is final. They are the only tasks the bench's server has
+    open, so one small list request every 20 ms tells: asking after each task in turn costs
+    the server a request a task, two thirds as much CPU as running it on a Ray pool, which
+    bare Ray's `ray.get` of a list does not pay."""
+    while client.list_tasks(all=1, status=OPEN, page_size=1)["tasks"]:
+        time.sleep(0.02)
+    unfinished = [i for i in ids[-1:] if client.get(i)["status"] not in FINAL]
+    assert not unfinished, f"task {unfinished} is not final"
 
 
 def stamp(rfc3339: str) -> float:
