@@ -30,7 +30,14 @@ from velda.engines.base import (
 from velda.engines.keepers import Keepers
 from velda.engines.pids import start_time
 from velda.engines.run_as import task_user
-from velda.engines.status_file import WRAPPER, exit_from_status, read_int, unusable_env
+from velda.engines.status_file import (
+    STATUS,
+    WRAPPER,
+    exit_from_status,
+    read_int,
+    read_status,
+    unusable_env,
+)
 from velda.engines.terminal_host import SOCKET, send, set_size
 from velda.logindex import INDEX
 from velda.models import Exit, Pool, Reason, Resources
@@ -182,7 +189,7 @@ class LocalEngine:
         alive = pid is not None and (
             handle.get("start") is None or start_time(pid) == handle.get("start")
         )
-        if pid is None and not (launch.attempt_dir / "status").exists():
+        if pid is None and not (launch.attempt_dir / STATUS).exists():
             raise NotStartedError(task_id)
         if alive and pid is not None and self._watch(launch, pid, own_child=False):
             self._keepers.adopt(launch.attempt_dir, handle.get("keeper"),
@@ -239,7 +246,7 @@ class LocalEngine:
 
     @staticmethod
     def _read_exit(attempt_dir: Path, wait_status: int | None) -> Exit:
-        code = read_int(attempt_dir / "status")
+        code = read_status(attempt_dir)
         if code is not None:
             return exit_from_status(code)
         if wait_status is not None and os.WIFSIGNALED(wait_status):

@@ -57,7 +57,7 @@ from velda.engines.slurm_cli import Accounted, SlurmCommands
 from velda.engines.status_file import (
     WRAPPER,
     exit_from_status,
-    read_int,
+    read_status,
     read_word,
     unusable_env,
 )
@@ -108,7 +108,7 @@ class SlurmEngine:
     name = "slurm"
     places_work = True
     writes_log_index = False  # the server indexes the log files as they grow
-    samples_here = False  # on the nodes; the wrapper's `times` still gives the CPU totals
+    samples_here = False  # on the nodes; the wrapper's status file still gives the CPU totals
     gives_terminals = True  # through a keeper on the node (terminal_host.py `serve`)
 
     def __init__(self, pool: Pool, events: EngineEvents) -> None:
@@ -235,7 +235,7 @@ class SlurmEngine:
         asyncio.get_running_loop().call_later(grace_s, self._kill_later, spec)
 
     async def adopt(self, task_id: str, attempt: int, handle: Handle, launch: Launch) -> None:
-        code = read_int(launch.attempt_dir / "status")
+        code = read_status(launch.attempt_dir)
         if code is not None:
             self.events.exited(task_id, attempt, exit_from_status(code))
             return
@@ -325,7 +325,7 @@ class SlurmEngine:
     async def _follow(self, spec: str, job: _Job, states: dict[str, str] | None) -> bool:
         """Report what changed for one job; True when it ended without a status file (it
         left the queue, or squeue reports it ended, GONE_GRACE_S ago)."""
-        code = read_int(job.attempt_dir / "status")
+        code = read_status(job.attempt_dir)
         if code is not None:
             self._started(job)
             if self._drained(job):

@@ -1,10 +1,10 @@
 """The status-file wrapper: how an engine keeps a task's exact exit status without the server.
 
 A tiny `/bin/sh` script runs the task's command with stdout on fd 1 and stderr on fd 3, both
-opened by whoever starts it onto the attempt's log files, and writes the command's exit status
-to `status` in the attempt directory (its shell's pid to `pid` when it starts). It runs the
-same under the local engine and inside a Slurm job, so an attempt's exit code and signal
-survive the server, and a cluster that forgets finished jobs.
+opened by whoever starts it onto the attempt's log files, and writes the command's CPU totals
+and then its exit status to `status` in the attempt directory (its shell's pid to `pid` when it
+starts). It runs the same under the local engine and inside a Slurm job, so an attempt's exit
+code and signal survive the server, and a cluster that forgets finished jobs.
 
     sh -c WRAPPER velda-task ATTEMPT_DIR CWD ARGV...
 
@@ -21,7 +21,8 @@ from pathlib import Path
 from velda.engines.proc_tree import TIMES
 from velda.models import Exit
 
-_TIME = re.compile(rb"(\d+)m([\d.]+)s")
+_TIME = re.compile(r"(\d+)m([\d.]+)s")
+STATUS = "status"  # the wrapper's: its command's CPU totals, then its exit status
 
 WRAPPER = r"""
 d=$1
@@ -41,8 +42,7 @@ trap : INT TERM HUP QUIT USR1 USR2
   esac
   exec "$@" )
 s=$?
-command times > "$d/times"
-echo $s 1<> "$d/status"
+{ times; echo $s; } 1<> "$d/status"
 exit $s
 """
 # fd 3 is the task's stderr; the wrapper's own stderr is /dev/null, so that the shell's note
@@ -53,17 +53,31 @@ exit $s
 # the shell's own "velda-task: 7: exec: ...: not found".
 # `times` (a builtin: no fork) writes the CPU time of the shell and of what it waited for,
 # the command and everything it reaped, so the server gets an attempt's exact CPU totals
-# (server/usage.py) without watching it end. `command` takes away its rank of special
-# builtin, whose failed redirection (a full disk) would end the shell before the status.
+# (server/usage.py) without watching it end. They go first, into the status file, and the
+# exit status last, alone on its line: one file for both (a file fewer to make for every
+# task), and a reader that sees the status sees the totals whole (read_status).
 # The status file is written blank at the start and overwritten in place (`1<>`) at the end,
-# so the exit status finds room on a disk that filled up meanwhile; the wrapper also exits
-# with it, for the server to read from waitpid when even that failed.
+# so the exit status finds room on a disk that filled up meanwhile (its first block is
+# already the file's); the wrapper also exits with it, for the server to read from waitpid
+# when even that failed.
 
 
 def exit_from_status(code: int) -> Exit:
     if 128 < code <= 128 + 64:
         return Exit.from_signal(code - 128)
     return Exit.from_code(code)
+
+
+def read_status(attempt_dir: Path) -> int | None:
+    """The exit status the wrapper wrote: the last line of `status` that is not blank, if it
+    is a number and nothing else. None while the command runs (the file is blank), while the
+    wrapper is still writing, or where it cannot be read. An attempt of an older velda wrote
+    only the number there (over the blank, so blank space may follow it)."""
+    text = _read_head(attempt_dir / STATUS, 256)
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    if not lines or not (lines[-1].isascii() and lines[-1].isdigit()):
+        return None
+    return int(lines[-1])
 
 
 def read_int(path: Path) -> int | None:
@@ -78,12 +92,17 @@ def read_word(path: Path) -> str | None:
     """The first 64 bytes of a file the task's side wrote, stripped, or None where it cannot
     be read. A symlink or a FIFO there must not make the server read another file or block
     (a pool's task user owns these files)."""
+    text = _read_head(path, 64)
+    return None if text is None else text.strip()
+
+
+def _read_head(path: Path, size: int) -> str | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
-        return os.read(fd, 64).decode(errors="replace").strip()
+        return os.read(fd, size).decode(errors="replace")
     except OSError:
         return None
     finally:
@@ -92,21 +111,15 @@ def read_word(path: Path) -> str | None:
 
 def read_times(attempt_dir: Path) -> tuple[float, float] | None:
     """The user and system CPU seconds of an ended attempt's command and what it reaped, from
-    the `times` its wrapper wrote; None if it wrote none (it was killed, or still runs)."""
-    try:
-        fd = os.open(attempt_dir / TIMES, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        found = _TIME.findall(os.read(fd, 256))
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if len(found) != 4:  # the shell's own user and system, then its children's
-        return None
-    seconds = [int(m) * 60 + float(s) for m, s in found]
-    return seconds[0] + seconds[2], seconds[1] + seconds[3]
+    its status file (the wrapper's), else its `times` file (a Ray attempt's, or an older
+    velda's wrapper); None where neither holds them whole (it was killed, or still runs)."""
+    for name in (STATUS, TIMES):
+        text = _read_head(attempt_dir / name, 256)
+        found = _TIME.findall(text) if text else []
+        if len(found) == 4:  # the shell's own user and system, then its children's
+            seconds = [int(m) * 60 + float(s) for m, s in found]
+            return seconds[0] + seconds[2], seconds[1] + seconds[3]
+    return None
 
 
 def unusable_env(env: dict[str, str], error: ValueError) -> str:

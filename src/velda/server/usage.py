@@ -11,8 +11,9 @@ sample is one JSON line appended to the attempt's `usage` file, which the task p
 
 The first sample of an attempt comes with the first pass after it started, so a task that
 ends sooner (a flood of `true`) costs no sample and no file. At the end the exact CPU totals
-come from the status-file wrapper, which writes its shell's `times` into the attempt's `times`
-file as it exits (status_file.py). The summary of an ended attempt (the `usage` object of the
+come from the status-file wrapper, which writes its shell's `times` into the attempt's `status`
+file, ahead of the exit status, as it exits (status_file.py; a Ray attempt's come in a `times`
+file). The summary of an ended attempt (the `usage` object of the
 API, docs/api.md) is made from those files when it is first asked for and kept in
 `usage.json` beside them. An attempt adopted after a restart continues its file.
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from velda.engines.proc_tree import SAMPLES, sample_line, tree_figures
-from velda.engines.status_file import read_int, read_times
+from velda.engines.status_file import STATUS, read_status, read_times
 from velda.models import Task
 from velda.server import gpu_usage
 from velda.server.paced import PacedPasses
@@ -252,8 +253,8 @@ def _started_at(attempt_dir: Path, first: Sample | None) -> float | None:
 def _ended_at(attempt_dir: Path) -> float | None:
     """When the attempt's wrapper wrote its exit status; None while it runs (or if the
     wrapper was killed before it could)."""
-    path = attempt_dir / "status"
-    if read_int(path) is None:  # blank until the command ends
+    path = attempt_dir / STATUS
+    if read_status(attempt_dir) is None:  # blank until the command ends
         return None
     try:
         return os.stat(path).st_mtime
