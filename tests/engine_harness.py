@@ -42,7 +42,8 @@ class Recorder:
         self.ended: dict[tuple[str, int], Exit] = {}
         self.errors: list[str] = []
 
-    def running(self, task_id: str, attempt: int, handle: Handle) -> None:
+    def running(self, task_id: str, attempt: int, handle: Handle,
+                started_at: float | None = None) -> None:
         key = (task_id, attempt)
         self._check_thread()
         if key in self.started or key in self.ended:

@@ -1,4 +1,5 @@
-"""`--timeout` counts from the moment an attempt really starts, afresh for each attempt.
+"""`--timeout` counts from the moment an attempt really starts, afresh for each attempt; that
+moment is the one its engine reports, when it knows it, kept within what the server saw.
 
 Driven through the Runtime with an engine that places work itself and keeps each attempt in
 its queue for a while first, as a busy cluster does (the engine is what these tests are not
@@ -8,6 +9,7 @@ about; Ray and Slurm are tested against real clusters elsewhere).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,12 +59,15 @@ class QueueingEngine:
         return handle
 
     def _run(self, launch: Launch, handle: Handle) -> None:
-        self.events.running(launch.task_id, launch.attempt, handle)
+        self.report_start(launch, handle)
         seconds, first, later = launch.argv
         code = int(first if launch.attempt == 1 else later)
         asyncio.get_running_loop().call_later(
             float(seconds), self._end, launch.task_id, launch.attempt, Exit.from_code(code)
         )
+
+    def report_start(self, launch: Launch, handle: Handle) -> None:
+        self.events.running(launch.task_id, launch.attempt, handle)
 
     def _end(self, task_id: str, attempt: int, exit: Exit) -> None:
         if f"{task_id}.{attempt}" not in self.cancelled:
@@ -87,12 +92,33 @@ class QueueingEngine:
         return None
 
 
+class NodeClockEngine(QueueingEngine):
+    """Reports each start late, as a remote node's does, with the time the command started
+    by the node's clock: LATE_S before the report, and OFF_S off the server's clock."""
+
+    LATE_S = 0.3
+    OFF_S = 0.0
+
+    def report_start(self, launch: Launch, handle: Handle) -> None:
+        spawned = time.time() - self.LATE_S + self.OFF_S
+        self.events.running(launch.task_id, launch.attempt, handle, spawned)
+
+
 @pytest.fixture
 def runtime(tmp_path: Path) -> Iterator[Runtime]:
+    yield from _runtime(tmp_path, "QueueingEngine")
+
+
+@pytest.fixture
+def node_clock(tmp_path: Path) -> Iterator[Runtime]:
+    yield from _runtime(tmp_path, "NodeClockEngine")
+
+
+def _runtime(tmp_path: Path, engine: str) -> Iterator[Runtime]:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     config = Config(pools={"cluster": Pool("cluster", "queueing", Resources(cpus=1))})
-    registry = {"queueing": f"{__name__}:QueueingEngine"}
+    registry = {"queueing": f"{__name__}:{engine}"}
     yield Runtime(tmp_path, config, SqliteStore(tmp_path / "velda.db"), str, registry=registry)
     loop.close()
     asyncio.set_event_loop(None)
@@ -138,3 +164,22 @@ def test_an_attempt_that_runs_too_long_is_stopped_as_timed_out(runtime: Runtime)
                                                            Reason.TIMEOUT)
     assert task.started_at is not None and task.finished_at is not None
     assert 0.5 <= task.finished_at - task.started_at < 30  # stopped, not run to its end
+
+
+def test_an_attempt_starts_when_its_engine_says_it_started(node_clock: Runtime) -> None:
+    task_id = run_to_the_end(node_clock, ["0.5", "0", "0"])
+    task = node_clock.store.get(task_id)
+    assert task is not None and task.started_at is not None and task.finished_at is not None
+    ran = task.finished_at - task.started_at  # 0.5 s, and the LATE_S before the report
+    assert 0.5 + NodeClockEngine.LATE_S <= ran < 0.5 + NodeClockEngine.LATE_S + 0.25
+
+
+@pytest.mark.parametrize("off_s", [-3600.0, 3600.0])
+def test_a_start_by_a_clock_that_is_off_stays_within_what_the_server_saw(
+    node_clock: Runtime, monkeypatch: pytest.MonkeyPatch, off_s: float
+) -> None:
+    monkeypatch.setattr(NodeClockEngine, "OFF_S", off_s)
+    task_id = run_to_the_end(node_clock, ["0.5", "0", "0"])
+    task = node_clock.store.get(task_id)
+    assert task is not None and task.started_at is not None and task.finished_at is not None
+    assert task.created_at <= task.started_at <= task.finished_at - 0.5

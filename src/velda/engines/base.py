@@ -55,7 +55,11 @@ StartResult = Handle | Exception  # what start_many gives for each launch, in or
 class EngineEvents(Protocol):
     """How an engine tells the server what happened. Safe to call from the event loop only."""
 
-    def running(self, task_id: str, attempt: int, handle: Handle) -> None: ...
+    def running(self, task_id: str, attempt: int, handle: Handle,
+                started_at: float | None = None) -> None:
+        """The attempt's command runs. `started_at`: when it started (epoch seconds, by the
+        clock of the machine it runs on), from an engine that learns of a start some time
+        after it; else the server takes the time of the report."""
 
     def exited(self, task_id: str, attempt: int, exit: Exit) -> None: ...
 

@@ -317,11 +317,19 @@ class RayEngine:
         if attempt is None:
             return
         if kind == "running":
-            attempt.handle.update(event["node"])
-            self.events.running(attempt.task_id, attempt.attempt, dict(attempt.handle))
+            self._running(attempt, event["node"])
         elif kind == "exited":
             del self._attempts[event["key"]]
             self.events.exited(attempt.task_id, attempt.attempt, exit_of(event["exit"]))
+
+    def _running(self, attempt: _Attempt, node: dict[str, Any]) -> None:
+        """Its command runs: the handle gains where (node), and the start is the node's,
+        when the command was spawned there, not when word of it reached the server."""
+        where = {k: v for k, v in node.items() if k != "at"}
+        at = node.get("at")
+        attempt.handle.update(where)
+        self.events.running(attempt.task_id, attempt.attempt, dict(attempt.handle),
+                            float(at) if isinstance(at, int | float) else None)
 
     def _bridge_gone(self, bridge: _BridgeProcess, message: str) -> None:
         if self._bridge is bridge:
@@ -348,8 +356,7 @@ class RayEngine:
         key = tracked.handle["key"]
         if "control" in state and tracked.control is None:
             tracked.control = (*state["control"], state["token"])
-            tracked.handle.update(state["node"])
-            self.events.running(tracked.task_id, tracked.attempt, dict(tracked.handle))
+            self._running(tracked, state["node"])
         if "exit" not in state:
             return False
         del self._adopted[key]

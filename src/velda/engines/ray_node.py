@@ -155,6 +155,8 @@ def _run_in(
 ) -> Generator[tuple[str, Any], None, None]:
     """Yields the attempt's record, ("hold", None) once it has run _HOLD_S, and last
     ("exit", status)."""
+    import time
+
     ray: Any = importlib.import_module("ray")
     node_ip, node_id, gcs_address = _node(ray)
     if gpus:
@@ -163,6 +165,7 @@ def _run_in(
     guard = _guard()  # before the command starts: the worker's own, started once
     master = _Terminal(terminal) if terminal else None
     usage = _Usage()  # before the command starts: what the worker's children used until now
+    started_at = time.time()  # by this node's clock; as on a local pool, just before the spawn
     proc, error = _spawn(argv, cwd, env, node_ip, master)
     if proc is None:
         if master is not None:
@@ -174,7 +177,8 @@ def _run_in(
     control = _Control(proc.pid, node_ip, master)
     try:
         yield ("start", {"node_ip": node_ip, "node_id": node_id, "pid": proc.pid,
-                         "control": [node_ip, control.port], "token": control.token})
+                         "control": [node_ip, control.port], "token": control.token,
+                         "at": started_at})
         usage.leader = proc.pid
         yield from _pump(proc, _Lender(ray, control), master, usage)
         yield ("times", usage.totals())

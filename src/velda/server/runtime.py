@@ -578,16 +578,18 @@ class Runtime:
 
     # --- engine events
 
-    def running(self, task_id: str, attempt: int, handle: Handle) -> None:
+    def running(self, task_id: str, attempt: int, handle: Handle,
+                started_at: float | None = None) -> None:
         self.reports.add(("running", task_id, attempt),
-                         lambda: self._commit_running(int(task_id), attempt, handle))
+                         lambda: self._commit_running(int(task_id), attempt, handle, started_at))
 
     def settle(self) -> None:
         """Write the engines' reports of this tick now: what reads a task's handle or state
         to act on it (cancel, a signal, a request) sees every report that came before."""
         self.reports.flush()
 
-    def _commit_running(self, task_id: int, attempt: int, handle: Handle) -> None:
+    def _commit_running(self, task_id: int, attempt: int, handle: Handle,
+                        started_at: float | None) -> None:
         task = self.store.get(task_id)
         if task is None or task.attempt != attempt or task.status.is_final():
             return
@@ -595,12 +597,20 @@ class Runtime:
             task.handle = handle
             fields = ["handle"]
             if task.status == S.QUEUED:  # engines that place work themselves
-                task.status, task.started_at = S.RUNNING, self.now()
+                task.status, task.started_at = S.RUNNING, self._start_of(task, started_at)
                 fields += ["status", "started_at"]
                 self.store.record_attempt(task)
             self.store.update(task, *fields)
         self.attempt_runs(task)
         self.changed()
+
+    def _start_of(self, task: Task, reported: float | None) -> float:
+        """When an attempt started, as its engine says, within what the server saw: not
+        before it was handed over, not after now (another machine's clock may be off)."""
+        now = self.now()
+        if reported is None:
+            return now
+        return min(max(reported, task.submitted_at or task.created_at), now)
 
     def attempt_runs(self, task: Task) -> None:
         """The attempt really runs from now on: its clock starts, and its logs are indexed
