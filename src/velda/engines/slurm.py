@@ -405,7 +405,8 @@ class SlurmEngine:
     def _started(self, job: _Job) -> None:
         if not job.running:
             job.running = True
-            self.events.running(job.task_id, job.attempt, {**job.handle, "running": True})
+            self.events.running(job.task_id, job.attempt, {**job.handle, "running": True},
+                                _wrapper_started(job.attempt_dir))
 
     def _end(self, spec: str, job: _Job, exit: Exit) -> None:
         if self._jobs.pop(spec, None) is not None:
@@ -416,6 +417,15 @@ class SlurmEngine:
             task = asyncio.get_running_loop().create_task(
                 self.slurm.scancel("--signal=KILL", "--full", spec))
             task.add_done_callback(lambda t: t.exception())
+
+
+def _wrapper_started(attempt_dir: Path) -> float | None:
+    """When the job's wrapper started the command on its node (it writes its pid file just
+    before), if it has: squeue and the status file tell of a start only at the next poll."""
+    try:
+        return os.stat(attempt_dir / "pid").st_mtime
+    except OSError:
+        return None
 
 
 def _exit_without_status(spec: str, state: str | None, cancelled: bool,
