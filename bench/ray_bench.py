@@ -13,7 +13,10 @@ is the rest); Ray's Job Submission API with `true` as the entrypoint (`--no-jobs
 out; it is left out by itself when the dashboard's agent does not come up). Columns: submit to
 start and submit to done (medians of tasks run one at a time), and tasks per second when many
 are submitted at once (from the first submit to the end of the last). A second table sets the
-Ray pool against Ray's tasks API of the same run, as ratios next to their goals. "Start" is
+Ray pool against Ray's tasks API of the same run, as ratios next to their goals; a third says
+where the CPU of each one's flood went, per task, by process (velda's server, the Ray driver:
+velda's bridge or, for bare Ray, the bench itself, Ray's workers without the commands they
+ran, Ray's own daemons, and the bench as velda's client). "Start" is
 what each system records: velda's `started_at - created_at` (for Ray, when the command really
 started on the node); for a Ray task the time its function began; for a job, when its status
 left PENDING (polled every 5 ms).
@@ -35,7 +38,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,7 @@ class Row:
     runs: int  # ... of this many, one at a time
     rate: float  # tasks/s, many at once
     flood: int  # ... this many
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU s per task of the flood, by part
 
 
 @dataclass
@@ -171,10 +175,12 @@ def velda_batch_row(client: Any, pool: str, sizes: Sizes, work: Path) -> Row:
     """Many at once the way a program submits them: one `submit_many` request."""
     request = {"command": ["true"], "pool": pool, "cwd": str(work),
                "env": {"PATH": os.environ["PATH"]}}
+    cpu = cpu_by_part(bench="client")
     began = time.monotonic()
     wait_all(client, [task["id"] for task in client.submit_many([request] * sizes.flood)])
-    return Row(f"velda, pool `{pool}`, one `submit_many`", math.nan, math.nan, 0,
-               sizes.flood / (time.monotonic() - began), sizes.flood)
+    rate = sizes.flood / (time.monotonic() - began)
+    return Row(f"velda, pool `{pool}`, one `submit_many`", math.nan, math.nan, 0, rate,
+               sizes.flood, spent_per_task(cpu, cpu_by_part(bench="client"), sizes.flood))
 
 
 def wait_all(client: Any, ids: list[str]) -> None:
@@ -186,6 +192,46 @@ def wait_all(client: Any, ids: list[str]) -> None:
         time.sleep(0.02)
     unfinished = [i for i in ids[-1:] if client.get(i)["status"] not in FINAL]
     assert not unfinished, f"task {unfinished} is not final"
+
+
+PARTS = ("server", "driver", "workers", "daemons", "client")
+
+
+def cpu_by_part(bench: str) -> dict[str, float]:
+    """CPU seconds (user + system) so far of the processes on this machine, summed by their
+    part: velda's server, the Ray driver (velda's bridge, or this bench for bare Ray), Ray's
+    workers (without the commands they ran), Ray's own daemons, and this bench as `bench`."""
+    tick = os.sysconf("SC_CLK_TCK")
+    totals = dict.fromkeys(PARTS, 0.0)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes()
+            command = raw.replace(b"\0", b" ").decode("utf-8", "replace")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it ended meanwhile
+        part = bench if int(entry.name) == os.getpid() else _part_of(command)
+        if part is not None:
+            totals[part] += (int(fields[11]) + int(fields[12])) / tick
+    return totals
+
+
+def _part_of(command: str) -> str | None:
+    if "velda.server" in command:
+        return "server"
+    if "bridge_main" in command:
+        return "driver"
+    if command.startswith("ray::"):
+        return "workers"
+    return "daemons" if "/ray/" in command else None
+
+
+def spent_per_task(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    """What each part spent per task between two counts (a process that ended meanwhile is
+    left out: none of these does during a flood)."""
+    return {part: max(0.0, after[part] - before[part]) / n for part in PARTS}
 
 
 def stamp(rfc3339: str) -> float:
@@ -213,12 +259,14 @@ def ray_tasks_row(address: str, sizes: Sizes) -> Row:
         began, _ = ray.get(run.remote(["true"]))
         dones.append(time.time() - submitted)
         starts.append(began - submitted)
+    cpu = cpu_by_part(bench="driver")
     began_flood = time.monotonic()
     ray.get([run.remote(["true"]) for _ in range(sizes.flood)])
     rate = sizes.flood / (time.monotonic() - began_flood)
+    spent = spent_per_task(cpu, cpu_by_part(bench="driver"), sizes.flood)
     ray.shutdown()
     return Row("Ray tasks API (`subprocess.run`)", statistics.median(starts),
-               statistics.median(dones), sizes.one_by_one, rate, sizes.flood)
+               statistics.median(dones), sizes.one_by_one, rate, sizes.flood, spent)
 
 
 def ray_jobs_row(dashboard: str, sizes: Sizes) -> Row:
@@ -331,6 +379,8 @@ def main() -> None:
     print_rows(rows)
     print()
     print_goals(rows[1], rows[3], rows[2])
+    print()
+    print_cpu([rows[2], rows[3]])
 
 
 def print_rows(rows: list[Row]) -> None:
@@ -355,6 +405,16 @@ def print_goals(pool: Row, tasks: Row, batch: Row) -> None:
     start = pool.start_s / tasks.start_s
     print(f"| submit to start (median) | {ms(pool.start_s)} | {ms(tasks.start_s)} | "
           f"{start:.2f}x | <= 3x | {'yes' if start <= 3 else 'no'} |")
+
+
+def print_cpu(rows: list[Row]) -> None:
+    """Where the CPU of a flood goes: each part's CPU per task while it ran."""
+    print("| CPU per task over the flood | velda's server | Ray driver | Ray workers | "
+          "Ray's daemons | the bench's client | all |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        cells = [ms(row.cpu[part]) if row.cpu[part] else "—" for part in PARTS]
+        print(f"| {row.name} | {' | '.join(cells)} | {ms(sum(row.cpu.values()))} |")
 
 
 if __name__ == "__main__":
