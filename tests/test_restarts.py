@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -78,6 +79,22 @@ def test_a_restarted_server_takes_its_old_port_back(velda: Velda) -> None:
     velda.run("velda", "server", "stop", check=True)
     velda.vbatch("true")
     assert _port(velda) == port
+
+
+def test_server_stop_stops_a_server_too_busy_to_answer(velda: Velda) -> None:
+    velda.vbatch("true")
+    pid = velda.server_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # it cannot answer now, as under a flood it answers late
+    try:
+        stop = subprocess.Popen([*velda.prefix, "velda", "server", "stop"], env=velda.env,
+                                stdout=subprocess.PIPE, text=True)
+        time.sleep(3)  # longer than a health check waits
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    out, _ = stop.communicate(timeout=30)
+    assert (stop.returncode, out.strip()) == (0, f"stopped the server (pid {pid})")
+    assert not alive(pid)
 
 
 def test_fan_out_survives_two_kills_each_child_once(velda: Velda, tmp_path: Path) -> None:

@@ -467,7 +467,7 @@ def start_server(
         if url:
             return url
         # a server that lost the race to start exits; the winner may still be recovering
-        if proc.poll() is not None and proc.returncode != 0 and not _server_lock_held(home):
+        if proc.poll() is not None and proc.returncode != 0 and not server_lock_held(home):
             url = _answering_url(home)
             if url:
                 return url
@@ -488,7 +488,8 @@ def _server_env() -> dict[str, str]:
     return env
 
 
-def _server_lock_held(home: str) -> bool:
+def server_lock_held(home: str) -> bool:
+    """Does a server of `home` live (it holds the home's lock while it runs, busy or not)?"""
     import fcntl
 
     try:

@@ -10,8 +10,16 @@ import time
 
 from velda.cli.common import fail, help_formatter
 from velda.cli.output import render, table
-from velda.client import Client, VeldaError, healthy, read_server_info, start_server
+from velda.client import (
+    Client,
+    VeldaError,
+    healthy,
+    read_server_info,
+    server_lock_held,
+    start_server,
+)
 from velda.paths import velda_home
+from velda.server_address import alive
 
 TYPE_CHECKING = False  # typing is not imported at run time: it slows every command
 if TYPE_CHECKING:
@@ -142,9 +150,11 @@ def _start(args: argparse.Namespace, home: str) -> int:
 
 
 def _stop(home: str) -> int:
+    """SIGTERM to the home's server, and wait for it to exit. A server too busy to answer
+    is stopped all the same: it is found by its lock, not by an answer."""
     info = read_server_info(home)
     pid = info.get("pid") if info else None
-    if not isinstance(pid, int) or not info or not healthy(info["url"]):
+    if not isinstance(pid, int) or not _is_server(pid) or not server_lock_held(home):
         print("no server is running")
         return 0
     os.kill(pid, signal.SIGTERM)
@@ -157,6 +167,17 @@ def _stop(home: str) -> int:
             return 0
         time.sleep(0.05)
     fail(f"the server (pid {pid}) did not stop within 10 s")
+
+
+def _is_server(pid: int) -> bool:
+    """A live velda server process (a stale server.json's pid may be another program's)."""
+    if not alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"velda.server" in f.read().split(b"\0")
+    except OSError:
+        return True  # no /proc here: the home's lock says it
 
 
 def _status(args: argparse.Namespace) -> int:
