@@ -42,7 +42,7 @@ trap : INT TERM HUP QUIT USR1 USR2
   esac
   exec "$@" )
 s=$?
-{ times; echo $s; } 1<> "$d/status"
+{ command times; echo $s; } 1<> "$d/status"
 exit $s
 """
 # fd 3 is the task's stderr; the wrapper's own stderr is /dev/null, so that the shell's note
@@ -55,7 +55,8 @@ exit $s
 # the command and everything it reaped, so the server gets an attempt's exact CPU totals
 # (server/usage.py) without watching it end. They go first, into the status file, and the
 # exit status last, alone on its line: one file for both (a file fewer to make for every
-# task), and a reader that sees the status sees the totals whole (read_status).
+# task), and a reader that sees the status sees the totals whole (read_status). `command`
+# takes away its rank of special builtin, whose failure would end the shell before the status.
 # The status file is written blank at the start and overwritten in place (`1<>`) at the end,
 # so the exit status finds room on a disk that filled up meanwhile (its first block is
 # already the file's); the wrapper also exits with it, for the server to read from waitpid
