@@ -60,6 +60,7 @@ from velda.engines.status_file import (
     read_status,
     read_word,
     unusable_env,
+    wrapper_started,
 )
 from velda.models import Exit, Pool, Reason, Resources
 
@@ -405,8 +406,9 @@ class SlurmEngine:
     def _started(self, job: _Job) -> None:
         if not job.running:
             job.running = True
+            # its start on the node, not the poll that saw it (up to a poll's interval later)
             self.events.running(job.task_id, job.attempt, {**job.handle, "running": True},
-                                _wrapper_started(job.attempt_dir))
+                                wrapper_started(job.attempt_dir))
 
     def _end(self, spec: str, job: _Job, exit: Exit) -> None:
         if self._jobs.pop(spec, None) is not None:
@@ -417,15 +419,6 @@ class SlurmEngine:
             task = asyncio.get_running_loop().create_task(
                 self.slurm.scancel("--signal=KILL", "--full", spec))
             task.add_done_callback(lambda t: t.exception())
-
-
-def _wrapper_started(attempt_dir: Path) -> float | None:
-    """When the job's wrapper started the command on its node (it writes its pid file just
-    before), if it has: squeue and the status file tell of a start only at the next poll."""
-    try:
-        return os.stat(attempt_dir / "pid").st_mtime
-    except OSError:
-        return None
 
 
 def _exit_without_status(spec: str, state: str | None, cancelled: bool,

@@ -81,6 +81,15 @@ def read_status(attempt_dir: Path) -> int | None:
     return int(lines[-1])
 
 
+def wrapper_started(attempt_dir: Path) -> float | None:
+    """When the wrapper started the command: the time of the `pid` file it writes just before
+    (None if it has not written it yet, or never ran here)."""
+    try:
+        return os.lstat(attempt_dir / "pid").st_mtime
+    except OSError:
+        return None
+
+
 def read_int(path: Path) -> int | None:
     """The number in a file the task's side wrote, or None (absent, blank, not a number)."""
     try:

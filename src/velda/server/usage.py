@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from velda.engines.proc_tree import SAMPLES, sample_line, tree_figures
-from velda.engines.status_file import STATUS, read_status, read_times
+from velda.engines.status_file import STATUS, read_status, read_times, wrapper_started
 from velda.models import Task
 from velda.server import gpu_usage
 from velda.server.paced import PacedPasses
@@ -242,12 +242,10 @@ def _gpu_peaks(samples: list[Sample]) -> dict[int, int]:
 
 
 def _started_at(attempt_dir: Path, first: Sample | None) -> float | None:
-    """When the attempt's command started: its wrapper writes its pid file first thing (a
-    Ray node has none, and samples at once); else its first sample, if any."""
-    try:
-        return os.lstat(attempt_dir / "pid").st_mtime
-    except OSError:
-        return None if first is None else first.t
+    """When the attempt's command started: when its wrapper did (a Ray node has none, and
+    samples at once); else its first sample, if any."""
+    started = wrapper_started(attempt_dir)
+    return started if started is not None or first is None else first.t
 
 
 def _ended_at(attempt_dir: Path) -> float | None:
