@@ -216,10 +216,10 @@ def test_a_report_that_cannot_be_written_leaves_the_others_written(
     settle(runtime)
     record_exit = runtime._record_exit
 
-    def broken_for_the_second(task: object, exit: Exit) -> None:
+    def broken_for_the_second(task: object, exit: Exit) -> tuple[str, ...]:
         if getattr(task, "id", None) == ids[1]:
             raise RuntimeError("broken")
-        record_exit(task, exit)  # type: ignore[arg-type]
+        return record_exit(task, exit)  # type: ignore[arg-type]
 
     monkeypatch.setattr(runtime, "_record_exit", broken_for_the_second)
     _finish_in_one_tick(runtime, engine, ids)

@@ -187,9 +187,16 @@ class Runtime:
                 return earlier
             tasks = [in_item(i, self._add, req, pool, scope, keys and keys[n])
                      for n, (i, req, pool) in enumerate(zip(index, reqs, pools, strict=True))]
-            self.cascade([task.id for task in tasks], tasks)  # once every one was accepted
+            # once every one was accepted: the ones stored QUEUED go to their queue, the
+            # others are stepped (their dependencies may have decided already)
+            waiting = [task for task in tasks if task.status == S.PENDING]
+            for task in tasks:
+                if task.status == S.QUEUED:
+                    self.enqueue(task)
+            self.cascade([task.id for task in waiting], waiting)
         self.changed()
-        tasks = self.store.get_many([task.id for task in tasks])  # the cascade moved them on
+        if waiting:  # the cascade may have moved on tasks it read itself
+            tasks = self.store.get_many([task.id for task in tasks])
         for req, task in zip(reqs, tasks, strict=True):
             if req.blocking and scope is not None and not task.status.is_final():
                 self.blocked.submitted(task.id, scope)  # its vrun follows it from now on
@@ -205,16 +212,20 @@ class Runtime:
 
     def _add(self, req: SubmitRequest, pool: Pool, scope: int | None, key: str | None) -> Task:
         """One new task, checked and stored, not yet stepped."""
-        self._check_submit(req, pool, scope)
+        parent = self._check_submit(req, pool, scope)
         deps = self._dependencies(req, scope)
-        task = self._insert(req, pool, scope, deps)
+        # nothing to wait for: stored QUEUED at once, one write fewer than stepping it
+        ready = (not deps and req.total_shards is None and bool(req.command)
+                 and (parent is None or parent.status != S.PENDING))
+        task = self._insert(req, pool, scope, deps, S.QUEUED if ready else S.PENDING)
         if key:
             self.store.set_idempotency_key(task.id, key)
         if req.total_shards is not None:
             self._insert_shards(task, req, pool)
         return task
 
-    def _check_submit(self, req: SubmitRequest, pool: Pool, scope: int | None) -> None:
+    def _check_submit(self, req: SubmitRequest, pool: Pool, scope: int | None) -> Task | None:
+        """Refuses what cannot be stored; the parent task (in scope), if there is one."""
         try:
             self.engine_of(pool.name).check_task(pool, req.cwd, req.total_shards, req.gang)
         except EngineError as e:
@@ -222,14 +233,16 @@ class Runtime:
         if req.terminal and not self.engine_of(pool.name).gives_terminals:
             raise BadRequest(f"terminal: pool {pool.name} ({pool.engine}) cannot give a task a "
                              "terminal; run it with --tty no", "terminal")
-        if scope is not None:
-            parent = self.store.get(scope)
-            if parent is None or parent.status.is_final() or parent.cancel_requested:
-                raise BadRequest(f"parent task {scope} has already ended", "parent")
+        parent = None if scope is None else self.store.get(scope)
+        if scope is not None and (
+            parent is None or parent.status.is_final() or parent.cancel_requested
+        ):
+            raise BadRequest(f"parent task {scope} has already ended", "parent")
         if req.gang and req.total_shards:
             misfit = self.dispatch_of(pool.name).gang_misfit(pool, req.total_shards)
             if misfit:
                 raise BadRequest(misfit, "total_shards")
+        return parent
 
     def _dependencies(self, req: SubmitRequest, scope: int | None) -> list[Dependency]:
         deps = []
@@ -254,7 +267,8 @@ class Runtime:
         return deps
 
     def _insert(
-        self, req: SubmitRequest, pool: Pool, scope: int | None, deps: list[Dependency]
+        self, req: SubmitRequest, pool: Pool, scope: int | None, deps: list[Dependency],
+        status: TaskStatus,
     ) -> Task:
         labels = {**req.labels, "pool": pool.name}
         if scope is not None:
@@ -262,8 +276,9 @@ class Runtime:
         env = {k: v for k, v in req.env.items() if k not in _OWN_VELDA_VARS}
         task = Task(
             id=0, pool=pool.name, command=req.command, cwd=req.cwd, env=env, name=req.name,
-            parent_id=scope, labels=labels, priority=req.priority, retries=req.retries,
-            timeout_s=req.timeout_s, created_at=self.now(), blocking=req.blocking,
+            status=status, parent_id=scope, labels=labels, priority=req.priority,
+            retries=req.retries, timeout_s=req.timeout_s, created_at=self.now(),
+            blocking=req.blocking,
             total_shards=req.total_shards, gang=req.gang, terminal=req.terminal,
         )
         self.store.insert(task)
@@ -408,11 +423,12 @@ class Runtime:
         children = [c.status for c in self.store.children(task.id)]
         return resolved_status(task.own_succeeded, children)
 
-    def _finalize(self, task: Task, status: TaskStatus) -> list[int]:
-        """The one place a task becomes final."""
+    def _finalize(self, task: Task, status: TaskStatus, also: tuple[str, ...] = ()) -> list[int]:
+        """The one place a task becomes final; `also`: fields of it changed just before, to
+        write in the same statement."""
         assert not task.status.is_final()
         task.status, task.resolved_at = status, self.now()
-        self.store.update(task, "status", "resolved_at")
+        self.store.update(task, "status", "resolved_at", *also)
         self._release(task.id)
         follow = [dependent for dependent, _ in self.store.dependents(task.id)]
         if status in NEVER_RAN_STATES or status == S.CANCELLED:
@@ -593,6 +609,7 @@ class Runtime:
         task = self.store.get(task_id)
         if task is None or task.attempt != attempt or task.status.is_final():
             return
+        fresh = task.handle is None  # no report before: no sampler has written its files
         with self._writing():
             task.handle = handle
             fields = ["handle"]
@@ -601,7 +618,7 @@ class Runtime:
                 fields += ["status", "started_at"]
                 self.store.record_attempt(task)
             self.store.update(task, *fields)
-        self.attempt_runs(task)
+        self.attempt_runs(task, fresh)
         self.changed()
 
     def _start_of(self, task: Task, reported: float | None) -> float:
@@ -612,18 +629,19 @@ class Runtime:
             return now
         return min(max(reported, task.submitted_at or task.created_at), now)
 
-    def attempt_runs(self, task: Task) -> None:
+    def attempt_runs(self, task: Task, fresh: bool = False) -> None:
         """The attempt really runs from now on: its clock starts, and its logs are indexed
-        here unless its engine indexes them itself."""
+        here unless its engine indexes them itself. `fresh`: no server watched it before,
+        so there is no index or usage file of it to continue (one read each the fewer)."""
         if task.timeout_s and task.started_at is not None:
             self.timeouts.arm(task.id, task.attempt, task.started_at, task.timeout_s)
         engine = self.engine_of(task.pool)
         directory = self.attempt_dir(task.id, task.attempt)
         if not engine.writes_log_index:
-            self.sampler.watch(directory)
+            self.sampler.watch(directory, fresh)
         leader = (task.handle or {}).get("pid")
         if engine.samples_here and isinstance(leader, int):
-            self.usage.watch(directory, leader, task.alloc.gpu_ids if task.alloc else ())
+            self.usage.watch(directory, leader, task.alloc.gpu_ids if task.alloc else (), fresh)
 
     def exited(self, task_id: str, attempt: int, exit: Exit) -> None:
         """An attempt ended. An exit that finds the disk full is kept in memory and written
@@ -641,23 +659,26 @@ class Runtime:
         if task.status.is_final():
             return
         with self._writing():
-            self._record_exit(task, exit)
+            ended = self._record_exit(task, exit)
             if self._should_retry(task):
+                self.store.update(task, *ended)
                 self._requeue(task)
             else:
-                self._own_command_ended(task)
+                self._own_command_ended(task, ended)
         self.changed()
 
-    def _own_command_ended(self, task: Task) -> None:
-        """It waits for its open children, or (most often: it has none) becomes final now,
-        in one write."""
+    def _own_command_ended(self, task: Task, ended: tuple[str, ...]) -> None:
+        """It waits for its open children, or (most often: it has none) becomes final now:
+        either way the exit's `ended` fields go in the same one write."""
         task.status = S.RUNNING_SUBTASKS
         if self.store.open_children_count(task.id):
-            self.store.update(task, "status")
+            self.store.update(task, "status", *ended)
         else:
-            self.cascade(self._finalize(task, self._settled_status(task)))
+            self.cascade(self._finalize(task, self._settled_status(task), ended))
 
-    def _record_exit(self, task: Task, exit: Exit) -> None:
+    def _record_exit(self, task: Task, exit: Exit) -> tuple[str, ...]:
+        """The attempt's end, on the task and in its attempts; the task's fields it set,
+        for the caller to write with what it changes next."""
         self._release(task.id)
         reason = exit.reason
         if task.cancel_requested:
@@ -667,8 +688,8 @@ class Runtime:
         task.finished_at = self.now()
         task.exit_code, task.signal, task.reason = exit.exit_code, exit.signal, reason
         task.reason_detail = exit.detail
-        self.store.update(task, "finished_at", "exit_code", "signal", "reason", "reason_detail")
         self.store.record_attempt(task)
+        return ("finished_at", "exit_code", "signal", "reason", "reason_detail")
 
     def _should_retry(self, task: Task) -> bool:
         return (

@@ -24,10 +24,11 @@ MAX_SHARE = 0.05  # of the event loop's time that sampling may take
 
 
 class _Watched:
-    def __init__(self, attempt_dir: Path) -> None:
+    def __init__(self, attempt_dir: Path, fresh: bool) -> None:
         self.dir = attempt_dir
         self.paths = [(stream, str(attempt_dir / stream)) for stream in STREAMS]
-        self.sizes = last_sizes(attempt_dir)  # an adopted attempt continues its index
+        # an adopted attempt continues its index
+        self.sizes = dict.fromkeys(STREAMS, 0) if fresh else last_sizes(attempt_dir)
         self.fd: int | None = None  # opened at the first growth: a silent task has no index
 
     def sample(self, at: float) -> None:
@@ -54,9 +55,10 @@ class ChunkSampler:
         self._passes = PacedPasses(interval, MAX_SHARE, self.sample_all,
                                    lambda: bool(self._watched))
 
-    def watch(self, attempt_dir: Path) -> None:
+    def watch(self, attempt_dir: Path, fresh: bool = False) -> None:
+        """`fresh`: no index of it was written before."""
         if attempt_dir not in self._watched:
-            self._watched[attempt_dir] = _Watched(attempt_dir)
+            self._watched[attempt_dir] = _Watched(attempt_dir, fresh)
             self._passes.start()
 
     def unwatch(self, attempt_dir: Path) -> None:

@@ -65,11 +65,13 @@ def sample_tree(leader: int, at: float) -> Sample | None:
 class _Watched:
     """One running attempt: where its samples go and what they said so far."""
 
-    def __init__(self, attempt_dir: Path, leader: int, gpu_ids: tuple[int, ...]) -> None:
+    def __init__(self, attempt_dir: Path, leader: int, gpu_ids: tuple[int, ...],
+                 fresh: bool) -> None:
         self.dir = attempt_dir
         self.leader = leader
         self.gpu_ids = gpu_ids
-        earlier = read_samples(attempt_dir)  # an adopted attempt continues its file
+        # an adopted attempt continues its file
+        earlier = [] if fresh else read_samples(attempt_dir)
         self.first = earlier[0] if earlier else None
         self.last = earlier[-1] if earlier else None
         self.previous: Sample | None = earlier[-2] if len(earlier) > 1 else None
@@ -111,10 +113,12 @@ class UsageSampler:
         self._passes = PacedPasses(interval, MAX_SHARE, self.sample_all,
                                    lambda: bool(self._watched))
 
-    def watch(self, attempt_dir: Path, leader: int, gpu_ids: tuple[int, ...] = ()) -> None:
+    def watch(self, attempt_dir: Path, leader: int, gpu_ids: tuple[int, ...] = (),
+              fresh: bool = False) -> None:
+        """`fresh`: no samples of it were written before."""
         if attempt_dir in self._watched:
             return
-        self._watched[attempt_dir] = _Watched(attempt_dir, leader, gpu_ids)
+        self._watched[attempt_dir] = _Watched(attempt_dir, leader, gpu_ids, fresh)
         self._passes.start()  # the first sample comes with the next pass
 
     def unwatch(self, attempt_dir: Path) -> None:
