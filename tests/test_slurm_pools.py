@@ -16,7 +16,6 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -188,12 +187,8 @@ def test_a_slurm_task_gets_its_cpu_totals(velda: Velda) -> None:
 def test_a_slurm_task_starts_when_its_command_starts_on_the_node(velda: Velda) -> None:
     task = velda.wait(velda.vbatch("-P", "cpu-1", "sleep", "1"))
     wrapper_started = (velda.home / "logs" / f"{task['id']}.1" / "pid").stat().st_mtime
-    started, created = _epoch(task["started_at"]), _epoch(task["created_at"])
+    started, created = parse_time(task["started_at"]), parse_time(task["created_at"])
     assert created <= started and abs(started - wrapper_started) < 0.002, task
-
-
-def _epoch(rfc3339: str) -> float:
-    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
 def test_a_task_runs_as_a_slurm_job(velda: Velda) -> None:

@@ -31,6 +31,7 @@ from velda.engines.keepers import Keepers
 from velda.engines.pids import start_time
 from velda.engines.run_as import task_user
 from velda.engines.status_file import (
+    PID,
     STATUS,
     WRAPPER,
     exit_from_status,
@@ -185,7 +186,7 @@ class LocalEngine:
         return user.prefix() + argv, user.environment(env)
 
     async def adopt(self, task_id: str, attempt: int, handle: Handle, launch: Launch) -> None:
-        pid = handle.get("pid") or read_int(launch.attempt_dir / "pid")
+        pid = handle.get("pid") or read_int(launch.attempt_dir / PID)
         alive = pid is not None and (
             handle.get("start") is None or start_time(pid) == handle.get("start")
         )

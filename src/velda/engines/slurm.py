@@ -55,6 +55,7 @@ from velda.engines.base import (
 )
 from velda.engines.slurm_cli import Accounted, SlurmCommands
 from velda.engines.status_file import (
+    PID,
     WRAPPER,
     exit_from_status,
     read_status,
@@ -245,7 +246,7 @@ class SlurmEngine:
         if not isinstance(spec, str):
             spec, name = await self._find_by_name(launch)
         if spec is None:
-            if (launch.attempt_dir / "pid").exists():  # it ran, and Slurm forgot it
+            if (launch.attempt_dir / PID).exists():  # it ran, and Slurm forgot it
                 self.events.exited(task_id, attempt, Exit(
                     None, None, Reason.LOST, "its Slurm job ended without an exit status"))
                 return
@@ -346,7 +347,7 @@ class SlurmEngine:
                     f"Slurm job {spec} stopped its heartbeat for {self.node_timeout_s:g} s"
                     " (its node is down or lost the shared filesystem)")))
             return False
-        if (job.attempt_dir / "pid").exists():
+        if (job.attempt_dir / PID).exists():
             self._started(job)
         now = time.monotonic()
         job.gone_since = job.gone_since or now

@@ -23,6 +23,7 @@ from velda.models import Exit
 
 _TIME = re.compile(r"(\d+)m([\d.]+)s")
 STATUS = "status"  # the wrapper's: its command's CPU totals, then its exit status
+PID = "pid"  # the wrapper's: its shell's pid, written just before the command starts
 
 WRAPPER = r"""
 d=$1
@@ -85,7 +86,7 @@ def wrapper_started(attempt_dir: Path) -> float | None:
     """When the wrapper started the command: the time of the `pid` file it writes just before
     (None if it has not written it yet, or never ran here)."""
     try:
-        return os.lstat(attempt_dir / "pid").st_mtime
+        return os.lstat(attempt_dir / PID).st_mtime
     except OSError:
         return None
 

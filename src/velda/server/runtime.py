@@ -661,8 +661,7 @@ class Runtime:
         with self._writing():
             ended = self._record_exit(task, exit)
             if self._should_retry(task):
-                self.store.update(task, *ended)
-                self._requeue(task)
+                self._requeue(task, ended)
             else:
                 self._own_command_ended(task, ended)
         self.changed()
@@ -698,9 +697,13 @@ class Runtime:
             and task.attempt <= task.retries
         )
 
-    def _requeue(self, task: Task) -> None:
+    def _requeue(self, task: Task, ended: tuple[str, ...]) -> None:
+        """QUEUED again for its next attempt, in one write with the exit's `ended` fields
+        (the attempt's own record keeps when it finished)."""
         task.finished_at, task.handle, task.submitted_at = None, None, None
-        self.store.update(task, "finished_at", "handle", "submitted_at")
+        task.status = S.QUEUED
+        self.store.update(task, *dict.fromkeys(
+            (*ended, "finished_at", "handle", "submitted_at", "status")))
         self.enqueue(task)
 
     # --- timeouts (the clocks: timeouts.py)
