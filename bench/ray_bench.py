@@ -2,30 +2,34 @@
 
 Starts a one-node Ray cluster (2 CPUs, with its dashboard: the Jobs API needs it) and a private
 velda server (a temporary VELDA_HOME) whose velda.toml has a Ray pool on that cluster, then
-runs trivial tasks (`true`) four ways. Progress goes to stderr, one Markdown table to stdout:
+runs trivial tasks (`true`) five ways. Progress goes to stderr, one Markdown table to stdout:
 
     python bench/ray_bench.py [--quick]
 
 Rows: velda's local pool `shell`; velda's Ray pool (1 CPU per task), its tasks submitted many
 at once one request each and then all in one `submit_many` request; Ray's tasks API, a remote
 function that runs `true` in a subprocess (the floor under the Ray pool: what the engine adds
-is the rest); Ray's Job Submission API with `true` as the entrypoint (`--no-jobs` leaves it
-out; it is left out by itself when the dashboard's agent does not come up). Columns: submit to
-start and submit to done (medians of tasks run one at a time), and tasks per second when many
-are submitted at once (from the first submit to the end of the last). A second table sets the
-Ray pool against Ray's tasks API of the same run, as ratios next to their goals; a third says
-where the CPU of each one's flood went, per task, by process (velda's server, the Ray driver:
-velda's bridge or, for bare Ray, the bench itself, Ray's workers without the commands they
-ran, Ray's own daemons, and the bench as velda's client). "Start" is
-what each system records: velda's `started_at - created_at` (for Ray, when the command really
-started on the node); for a Ray task the time its function began; for a job, when its status
-left PENDING (polled every 5 ms).
+is the rest); Ray's tasks API running velda's node side alone (`ray_node.run_attempt`, what
+the bridge submits for each attempt, here submitted by a bare driver: it splits what a Ray
+pool adds into its node side and its server and bridge); Ray's Job Submission API with `true`
+as the entrypoint (`--no-jobs` leaves it out; it is left out by itself when the dashboard's
+agent does not come up). Columns: submit to start and submit to done (medians of tasks run
+one at a time), and tasks per second when many are submitted at once (from the first submit
+to the end of the last). A second table sets the Ray pool against Ray's tasks API of the
+same run, as ratios next to their goals; a third says where the CPU of each one's flood went,
+per task, by process (velda's server, the Ray driver: velda's bridge or, for the two bare
+rows, the bench itself, Ray's workers without the commands they ran, Ray's own daemons, and
+the bench as velda's client). "Start" is what each system records: velda's `started_at -
+created_at` (for Ray, when the command really started on the node); for a Ray task the time
+its function began, or for the node side alone when it started the command; for a job, when
+its status left PENDING (polled every 5 ms).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -35,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -241,32 +246,104 @@ def stamp(rfc3339: str) -> float:
 # ---------------------------------------------------------------- Ray's own APIs
 
 
-def ray_tasks_row(address: str, sizes: Sizes) -> Row:
+def ray_tasks_rows(address: str, sizes: Sizes) -> list[Row]:
+    """Bare Ray tasks, then Ray tasks running velda's node side alone, from one driver."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
     ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    try:
+        return [ray_tasks_row(ray, sizes), node_side_row(ray, sizes)]
+    finally:
+        ray.shutdown()
 
+
+def ray_tasks_row(ray: Any, sizes: Sizes) -> Row:
     @ray.remote(num_cpus=1, max_retries=0)
     def run(argv: list[str]) -> tuple[float, int]:
         began = time.time()
         return began, subprocess.run(argv, check=False).returncode
 
-    ray.get(run.remote(["true"]))  # warm-up
+    def one() -> float:
+        began, _ = ray.get(run.remote(["true"]))
+        return float(began)
+
+    return _driver_row("Ray tasks API (`subprocess.run`)", lambda: run.remote(["true"]), one,
+                       sizes)
+
+
+def node_side_row(ray: Any, sizes: Sizes) -> Row:
+    """What a Ray pool's attempt costs on its node, without velda's server and bridge: Ray
+    tasks of `ray_node.run_attempt` (the function the bridge submits for each attempt),
+    submitted by this bench as a bare Ray driver. The gap between this row and the Ray pool's
+    is what the server and the bridge add; between it and bare Ray tasks, what the node side
+    adds (the attempt's process group and pipes, its start datagram, the record it returns)."""
+    from velda.engines import proc_tree, ray_node
+
+    ray.cloudpickle.register_pickle_by_value(ray_node)
+    ray.cloudpickle.register_pickle_by_value(proc_tree)
+    with _bridge_stand_in() as back:
+        spec = json.dumps({"argv": ["true"], "cwd": "/", "env": {"PATH": os.environ["PATH"]},
+                           "terminal": None, "gpus": False, "back": back}).encode()
+        attempt = ray.remote(ray_node.run_attempt).options(num_cpus=1, max_retries=0)
+
+        def one() -> float:
+            record = ray.get(attempt.remote(spec))
+            starts = [payload["at"] for kind, payload in record["items"] if kind == "start"]
+            assert starts, "a lone `true` streamed its record instead of returning it"
+            return float(starts[0])
+
+        return _driver_row("Ray tasks API running velda's node side (`run_attempt`)",
+                           lambda: attempt.remote(spec), one, sizes)
+
+
+@contextlib.contextmanager
+def _bridge_stand_in() -> Iterator[list[Any]]:
+    """Where run_attempt sends its start datagram (left unread) and, for an attempt that runs
+    on past a few milliseconds (in a flood, one may), its record (read and dropped)."""
+    datagrams = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    datagrams.bind(("127.0.0.1", 0))
+    records = socket.create_server(("127.0.0.1", 0))
+
+    def drain() -> None:
+        while True:
+            try:
+                conn, _ = records.accept()
+            except OSError:
+                return
+            with conn:
+                while conn.recv(65536):
+                    pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        yield ["127.0.0.1", records.getsockname()[1], datagrams.getsockname()[1], "bench", "-"]
+    finally:
+        records.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        records.close()
+        datagrams.close()
+
+
+def _driver_row(name: str, submit: Callable[[], Any], one: Callable[[], float],
+                sizes: Sizes) -> Row:
+    """A row of Ray tasks submitted by this bench as the driver: `one()` runs a task and
+    returns when it began; `submit()` submits one and returns its ObjectRef."""
+    import ray
+
+    one()  # warm-up
     starts, dones = [], []
     for _ in range(sizes.one_by_one):
         submitted = time.time()
-        began, _ = ray.get(run.remote(["true"]))
+        began = one()
         dones.append(time.time() - submitted)
         starts.append(began - submitted)
     cpu = cpu_by_part(bench="driver")
     began_flood = time.monotonic()
-    ray.get([run.remote(["true"]) for _ in range(sizes.flood)])
+    ray.get([submit() for _ in range(sizes.flood)])
     rate = sizes.flood / (time.monotonic() - began_flood)
     spent = spent_per_task(cpu, cpu_by_part(bench="driver"), sizes.flood)
-    ray.shutdown()
-    return Row("Ray tasks API (`subprocess.run`)", statistics.median(starts),
-               statistics.median(dones), sizes.one_by_one, rate, sizes.flood, spent)
+    return Row(name, statistics.median(starts), statistics.median(dones), sizes.one_by_one,
+               rate, sizes.flood, spent)
 
 
 def ray_jobs_row(dashboard: str, sizes: Sizes) -> Row:
@@ -353,8 +430,8 @@ def measure(sizes: Sizes, jobs: bool = True) -> list[Row]:
                     rows.append(velda_row(client, pool, sizes, work))
                 print("velda pool ray, one batch ...", file=sys.stderr)
                 rows.append(velda_batch_row(client, "ray", sizes, work))
-            print("Ray tasks API ...", file=sys.stderr)
-            rows.append(ray_tasks_row(cluster.address, sizes))
+            print("Ray tasks API, and velda's node side alone ...", file=sys.stderr)
+            rows += ray_tasks_rows(cluster.address, sizes)
             if jobs:
                 print("Ray Job Submission API ...", file=sys.stderr)
                 try:
@@ -380,7 +457,7 @@ def main() -> None:
     print()
     print_goals(rows[1], rows[3], rows[2])
     print()
-    print_cpu([rows[2], rows[3]])
+    print_cpu([rows[2], rows[3], rows[4]])
 
 
 def print_rows(rows: list[Row]) -> None:
