@@ -268,8 +268,8 @@ def ray_tasks_row(ray: Any, sizes: Sizes) -> Row:
         began, _ = ray.get(run.remote(["true"]))
         return float(began)
 
-    return _driver_row("Ray tasks API (`subprocess.run`)", lambda: run.remote(["true"]), one,
-                       sizes)
+    return _driver_row(ray, "Ray tasks API (`subprocess.run`)", lambda: run.remote(["true"]),
+                       one, sizes)
 
 
 def node_side_row(ray: Any, sizes: Sizes) -> Row:
@@ -293,7 +293,7 @@ def node_side_row(ray: Any, sizes: Sizes) -> Row:
             assert starts, "a lone `true` streamed its record instead of returning it"
             return float(starts[0])
 
-        return _driver_row("Ray tasks API running velda's node side (`run_attempt`)",
+        return _driver_row(ray, "Ray tasks API running velda's node side (`run_attempt`)",
                            lambda: attempt.remote(spec), one, sizes)
 
 
@@ -324,12 +324,10 @@ def _bridge_stand_in() -> Iterator[list[Any]]:
         datagrams.close()
 
 
-def _driver_row(name: str, submit: Callable[[], Any], one: Callable[[], float],
+def _driver_row(ray: Any, name: str, submit: Callable[[], Any], one: Callable[[], float],
                 sizes: Sizes) -> Row:
     """A row of Ray tasks submitted by this bench as the driver: `one()` runs a task and
     returns when it began; `submit()` submits one and returns its ObjectRef."""
-    import ray
-
     one()  # warm-up
     starts, dones = [], []
     for _ in range(sizes.one_by_one):

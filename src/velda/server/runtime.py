@@ -233,11 +233,11 @@ class Runtime:
         if req.terminal and not self.engine_of(pool.name).gives_terminals:
             raise BadRequest(f"terminal: pool {pool.name} ({pool.engine}) cannot give a task a "
                              "terminal; run it with --tty no", "terminal")
-        parent = None if scope is None else self.store.get(scope)
-        if scope is not None and (
-            parent is None or parent.status.is_final() or parent.cancel_requested
-        ):
-            raise BadRequest(f"parent task {scope} has already ended", "parent")
+        parent = None
+        if scope is not None:
+            parent = self.store.get(scope)
+            if parent is None or parent.status.is_final() or parent.cancel_requested:
+                raise BadRequest(f"parent task {scope} has already ended", "parent")
         if req.gang and req.total_shards:
             misfit = self.dispatch_of(pool.name).gang_misfit(pool, req.total_shards)
             if misfit:
