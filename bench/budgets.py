@@ -7,7 +7,8 @@ kills any task process they leave. Progress goes to stderr, one Markdown table t
 
 Sections: 1 `vbatch true` wall time; 2 submit-to-start on an idle pool; 3 10,000 trivial tasks
 through the API, one a request and 1,000 a request (`POST /api/v1/tasks:batch`), with where a
-slot's cycle goes and the submit path alone (submits that wait on a running task); 4 1,000,000
+slot's cycle goes and the submit path alone (submits that wait on a running task), next to
+its floors: the HTTP stack alone (http_floor.py) and a task's row alone in the store; 4 1,000,000
 tasks stored (CLI list, API list, server RSS, server start); 5 memory of supervising a running
 task; 6 a task writing 1 GiB to stdout; 7 a scheduling pass and a submit with 10,000 tasks
 running on a synthetic engine. Uses hyperfine and tsp when installed (Debian packages
@@ -47,7 +48,8 @@ import synthetic_engine  # bench/synthetic_engine.py: §7
 from ui_bench import fill  # bench/ui_bench.py: the same 100,000-task store as the UI bench
 
 from velda.engines.status_file import WRAPPER  # the local engine's per-task sh script
-from velda.models import FINAL_STATES
+from velda.models import FINAL_STATES, Task, TaskStatus
+from velda.store.sqlite import SqliteStore
 
 BIN = Path(sys.executable).parent
 VELDA, VBATCH, VRUN = (str(BIN / name) for name in ("velda", "vbatch", "vrun"))
@@ -91,10 +93,20 @@ def verdict(ok: bool) -> str:
 
 
 def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms"
+    return f"{seconds * 1000:.{2 if seconds < 0.001 else 1}f} ms"
 
 
 # --- a private server
+
+
+@dataclass
+class Endpoint:
+    """A server that is not velda's (http_floor.py): where it answers, and its process."""
+
+    host: str
+    port: int
+    pid: int
+    token: str = ""
 
 
 class Api:
@@ -103,7 +115,7 @@ class Api:
 
     IDLE_S = 3.0
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server | Endpoint) -> None:
         self.conn = http.client.HTTPConnection(server.host, server.port, timeout=120)
         self.headers = {
             "Authorization": f"Bearer {server.token}",
@@ -366,7 +378,7 @@ def bench_submit_to_start(root: Path, sizes: Sizes) -> list[Row]:
 # --- §3 many trivial tasks through the API
 
 
-def submit_many(server: Server, n: int, submitters: int,
+def submit_many(server: Server | Endpoint, n: int, submitters: int,
                 body: dict[str, Any] | None = None) -> None:
     """n submits of `body` (`true` by default), one a request, from `submitters` threads
     with a keep-alive connection each."""
@@ -386,19 +398,64 @@ def submit_many(server: Server, n: int, submitters: int,
         thread.join()
 
 
-def held_submits(root: Path, n: int, submitters: int) -> float:
+def held_submits(root: Path, n: int, submitters: int) -> tuple[float, float]:
     """Submits accepted a second, one a request, when none of them can start (each waits on
-    a task that sleeps): what the submit path alone takes, with no task running beside it."""
+    a task that sleeps): what the submit path alone takes, with no task running beside it;
+    and the server's CPU seconds per submit."""
     with running_server(root, "s3h") as server:
         api = Api(server)
         blocker = api.call("POST", "/api/v1/tasks", submit_body(["sleep", "600"]))["id"]
         body = {**submit_body(["true"]), "after": [blocker]}
-        start = time.perf_counter()
-        submit_many(server, n, submitters, body)
-        rate = n / (time.perf_counter() - start)
+        measured = rate_and_cpu(server, n, submitters, body)
         api.call("POST", f"/api/v1/tasks/{blocker}/cancel")
         api.close()
-    return rate
+    return measured
+
+
+def rate_and_cpu(server: Server | Endpoint, n: int, submitters: int,
+                 body: dict[str, Any] | None = None) -> tuple[float, float]:
+    """Requests a second of submit_many, and the CPU seconds the server spent on each."""
+    own = cpu_seconds(server.pid)[0]
+    start = time.perf_counter()
+    submit_many(server, n, submitters, body)
+    elapsed = time.perf_counter() - start
+    return n / elapsed, (cpu_seconds(server.pid)[0] - own) / n
+
+
+def stack_floor(root: Path, n: int, submitters: int) -> tuple[float, float]:
+    """The same submits, one a request, to velda's HTTP stack alone (http_floor.py): its
+    requests a second and its CPU seconds per request."""
+    port_file = root / "http_floor.port"
+    floor = Path(__file__).with_name("http_floor.py")
+    process = subprocess.Popen([sys.executable, str(floor), str(port_file)])
+    try:
+        wait_until(lambda: port_file.exists() or process.poll() is not None,
+                   "the HTTP stack alone to listen")
+        if process.poll() is not None:
+            raise RuntimeError(f"{floor.name} exited with status {process.returncode}")
+        endpoint = Endpoint("127.0.0.1", int(port_file.read_text()), process.pid)
+        submit_many(endpoint, min(n, 200), submitters)  # imports and caches warm, as velda's
+        return rate_and_cpu(endpoint, n, submitters)
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def store_floor(root: Path, n: int) -> float:
+    """Seconds per task of writing a submit's row alone, a transaction each, in velda's own
+    store (a new SqliteStore): what a submit answered only once stored cannot do without."""
+    store = SqliteStore(root / "floor.db")
+    body = submit_body(["true"])
+    started = time.perf_counter()
+    for _ in range(n):
+        task = Task(id=0, pool="shell", command=body["command"], cwd=body["cwd"],
+                    env=body["env"], labels={"pool": "shell"}, created_at=time.time(),
+                    status=TaskStatus.QUEUED)
+        with store.transaction():
+            store.insert(task)
+    elapsed = time.perf_counter() - started
+    store.close()
+    return elapsed / n
 
 
 def xargs_baseline(n: int, wrapped_in: Path | None = None) -> tuple[float, float]:
@@ -466,7 +523,10 @@ def bench_flood(root: Path, sizes: Sizes, submitters: int = 4, batch: int = 1000
     log(f"   the same, {batch:,} tasks a request (POST /api/v1/tasks:batch)")
     bulk = flood(root, "s3b", n, lambda server: submit_in_batches(server, n, batch))
     log(f"   {n // 2:,} submits, one a request, that wait on a running task (none starts)")
-    held = held_submits(root, n // 2, submitters)
+    held, held_cpu = held_submits(root, n // 2, submitters)
+    log(f"   {n // 2:,} the same to the HTTP stack alone; {n // 2:,} rows alone in the store")
+    floor, floor_cpu = stack_floor(root, n // 2, submitters)
+    row_s = store_floor(root, n // 2)
     log(f"   now {n:,} × true through xargs -P2, bare and wrapped")
     xargs_rate, xargs_cpu = xargs_baseline(n)
     wrapped_rate, wrapped_cpu = xargs_baseline(n, root)
@@ -484,7 +544,11 @@ def bench_flood(root: Path, sizes: Sizes, submitters: int = 4, batch: int = 1000
         Row(f"  submits accepted: one a request ({submitters} keep-alive submitters)",
             f"{one['accepted']:,.0f}/s", "—", "≥ 2,000/s", verdict(one["accepted"] >= 2000)),
         Row("    the same when none of them starts (each waits on a running task)",
-            f"{held:,.0f}/s", "—", "≥ 2,000/s", verdict(held >= 2000)),
+            f"{held:,.0f}/s", f"the HTTP stack alone {floor:,.0f}/s", "≥ 2,000/s",
+            verdict(held >= 2000)),
+        Row("    server CPU per submit, when none of them starts", ms(held_cpu),
+            f"the HTTP stack alone {ms(floor_cpu)}; a task's row alone in the store "
+            f"{ms(row_s)}"),
         Row(f"  submits accepted: {batch:,} a request (POST /api/v1/tasks:batch)",
             f"{bulk['accepted']:,.0f}/s", "—", "≥ 2,000/s", verdict(bulk["accepted"] >= 2000)),
         Row("  a slot's cycle: start to exit committed + exit to the next start (medians)",
