@@ -69,6 +69,16 @@ def test_ids_increase_and_get_many_keeps_order(store: Store) -> None:
     assert store.get_many([]) == []
 
 
+def test_statuses_are_the_stored_ones_of_the_tasks_that_exist(store: Store) -> None:
+    queued, pending = _add(store, status=TaskStatus.QUEUED), _add(store)
+    assert store.statuses([pending, 999, queued, pending]) == {
+        queued: TaskStatus.QUEUED, pending: TaskStatus.PENDING,
+    }
+    assert store.statuses([]) == {}
+    many = [_add(store) for _ in range(1200)]  # past one statement's share of IDs
+    assert store.statuses(many) == dict.fromkeys(many, TaskStatus.PENDING)
+
+
 def test_submitted_at_and_stop_cause_round_trip(store: Store) -> None:
     task_id = _add(store)
     task = store.get(task_id)

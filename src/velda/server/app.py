@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp
 
 from velda import __version__
-from velda.models import Task, TaskStatus
+from velda.models import Children, Task, TaskStatus
 from velda.protocol import (
     MAX_BATCH,
     BadRequest,
@@ -142,13 +142,23 @@ class Api:
         key = _idempotency_key(request)
         earlier = self.store.by_idempotency_key(key) if key else None
         req = SubmitRequest.from_json(await self.body(request))
-        task = earlier or await self.runtime.submit(req, principal.scope, key)
-        data = task_json(task, self.store.children_counts([task.id])[task.id], self.store)
+        if earlier:
+            task, made = earlier, False
+        else:
+            task, made = await self.runtime.submit_or_find(req, principal.scope, key)
+        data = task_json(task, self.children_of_submitted(task, made), self.store)
         # only for a submitter outside any task: inside one, its stderr is that task's log
         notice = None if principal.scope else self.runtime.notice_for(self.runtime.pool(task.pool))
         if notice:
             data["notice"] = notice
         return JSONResponse(data, status_code=200 if earlier else 201)
+
+    def children_of_submitted(self, task: Task, made: bool) -> Children:
+        """A task this request just made has no children yet unless it is a shard set: none
+        could be submitted from inside it before this answer."""
+        if made and task.total_shards is None:
+            return Children()
+        return self.store.children_counts([task.id])[task.id]
 
     async def submit_batch(self, request: Request, principal: Principal) -> Response:
         """Many tasks in one request, stored all or none (a bad one is named by its index);

@@ -24,10 +24,14 @@ class Resolver:
             raise BadRequest(f"no task named '{ref}' {where}", field, status=404)
         return task
 
+    def resolve_id(self, ref: str, scope: int | None, field: str = "ref") -> int:
+        """resolve(...).id; a top-level caller's task ID is found without reading its row."""
+        if scope is None and _is_id(ref) and self.store.statuses([int(ref)]):
+            return int(ref)
+        return self.resolve(ref, scope, field).id
+
     def _by_id(self, ref: str, scope: int | None) -> Task | None:
-        if not (ref.isascii() and ref.isdigit()):
-            return None  # '²' is a digit to str.isdigit, yet no ID
-        if len(ref) > 19 or int(ref) > MAX_ID:
+        if not _is_id(ref):
             return None
         task = self.store.get(int(ref))
         if task is not None and scope is not None and not self.within(task, scope):
@@ -57,3 +61,8 @@ class Resolver:
                 return True
             current = self.store.get(current.parent_id) if current.parent_id else None
         return False
+
+
+def _is_id(ref: str) -> bool:
+    """ASCII digits ('²' is a digit to str.isdigit, yet no ID) of at most MAX_ID."""
+    return ref.isascii() and ref.isdigit() and len(ref) <= 19 and int(ref) <= MAX_ID

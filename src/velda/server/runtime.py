@@ -161,7 +161,14 @@ class Runtime:
     async def submit(self, req: SubmitRequest, scope: int | None, key: str | None = None) -> Task:
         """A new task; with `key` (the client's idempotency key), the task an earlier submit
         with the same key made, if there is one."""
-        return (await self.submit_many([req], scope, [key] if key else None, numbered=False))[0]
+        return (await self.submit_or_find(req, scope, key))[0]
+
+    async def submit_or_find(
+        self, req: SubmitRequest, scope: int | None, key: str | None = None
+    ) -> tuple[Task, bool]:
+        """submit(), and whether this call made the task (False: an earlier one did)."""
+        tasks, made = await self._submit_many([req], scope, [key] if key else None, False)
+        return tasks[0], made
 
     async def submit_many(
         self, reqs: list[SubmitRequest], scope: int | None, keys: list[str] | None = None,
@@ -171,9 +178,16 @@ class Runtime:
         earlier one (`after_success`, ...). `keys`, one per request: the tasks an earlier
         call with the same keys made, if there are. A bad request is a BadRequest (naming
         its index when `numbered`) and stores nothing."""
+        return (await self._submit_many(reqs, scope, keys, numbered))[0]
+
+    async def _submit_many(
+        self, reqs: list[SubmitRequest], scope: int | None, keys: list[str] | None,
+        numbered: bool,
+    ) -> tuple[list[Task], bool]:
+        """submit_many(), and whether this call made the tasks."""
         earlier = self._made_before(keys)
         if earlier is not None:
-            return earlier
+            return earlier, False
         index = range(len(reqs)) if numbered else [None] * len(reqs)
         pools = [in_item(i, self.pool, req.pool) for i, req in zip(index, reqs, strict=True)]
         for pool in {p.name: p for p in pools}.values():
@@ -184,7 +198,7 @@ class Runtime:
         with self._writing():
             earlier = self._made_before(keys)
             if earlier is not None:  # the same request, again, while this one awaited
-                return earlier
+                return earlier, False
             tasks = [in_item(i, self._add, req, pool, scope, keys and keys[n])
                      for n, (i, req, pool) in enumerate(zip(index, reqs, pools, strict=True))]
             # once every one was accepted: the ones stored QUEUED go to their queue, the
@@ -196,11 +210,19 @@ class Runtime:
             self.cascade([task.id for task in waiting], waiting)
         self.changed()
         if waiting:  # the cascade may have moved on tasks it read itself
-            tasks = self.store.get_many([task.id for task in tasks])
+            tasks = self._as_stored(tasks)
         for req, task in zip(reqs, tasks, strict=True):
             if req.blocking and scope is not None and not task.status.is_final():
                 self.blocked.submitted(task.id, scope)  # its vrun follows it from now on
-        return tasks
+        return tasks, True
+
+    def _as_stored(self, tasks: list[Task]) -> list[Task]:
+        """`tasks` as stored now. Each change the cascade makes to a task changes its status,
+        so only those whose stored status is not the one in hand are read again whole."""
+        stored = self.store.statuses([task.id for task in tasks])
+        moved = [task.id for task in tasks if stored.get(task.id) != task.status]
+        again = {task.id: task for task in self.store.get_many(moved)}
+        return [again.get(task.id, task) for task in tasks]
 
     def _made_before(self, keys: list[str] | None) -> list[Task] | None:
         """The tasks of an earlier call with these keys (all of them: one call stores all
@@ -257,7 +279,7 @@ class Runtime:
                 # an ancestor by ID is said so before the resolver finds it out of scope
                 upstream_id = int(ref) if ref.isdigit() else None
                 if upstream_id not in ancestors:
-                    upstream_id = self.resolver.resolve(ref, scope, field=field).id
+                    upstream_id = self.resolver.resolve_id(ref, scope, field=field)
                 if upstream_id in ancestors:
                     raise BadRequest(
                         f"{field}: task {upstream_id} is an ancestor of the new task; it would "
@@ -273,7 +295,9 @@ class Runtime:
         labels = {**req.labels, "pool": pool.name}
         if scope is not None:
             labels["parent"] = str(scope)
-        env = {k: v for k, v in req.env.items() if k not in _OWN_VELDA_VARS}
+        env = dict(req.env)
+        for own in _OWN_VELDA_VARS:
+            env.pop(own, None)
         task = Task(
             id=0, pool=pool.name, command=req.command, cwd=req.cwd, env=env, name=req.name,
             status=status, parent_id=scope, labels=labels, priority=req.priority,
@@ -340,15 +364,12 @@ class Runtime:
         return []
 
     def _advance(self, task: Task) -> list[int]:
-        if task.parent_id is not None:
-            parent = self.store.get(task.parent_id)
-            if parent is not None and parent.status == S.PENDING:
-                return []  # a shard waits for its parent's dependencies
-        verdicts = [
-            dependency_verdict(d.kind, self._status_of(d.upstream_id))
-            for d in self.store.dependencies(task.id)
-        ]
-        verdict = combine(verdicts)
+        if task.parent_id is not None and self._status_of(task.parent_id) == S.PENDING:
+            return []  # a shard waits for its parent's dependencies
+        deps = self.store.dependencies(task.id)
+        upstream = self.store.statuses([d.upstream_id for d in deps])
+        verdict = combine([dependency_verdict(d.kind, upstream.get(d.upstream_id, S.CANCELLED))
+                           for d in deps])
         if verdict == Verdict.WAIT:
             return []
         if verdict != Verdict.MET:
@@ -407,8 +428,8 @@ class Runtime:
             self.enqueue(shard)
 
     def _status_of(self, task_id: int) -> TaskStatus:
-        upstream = self.store.get(task_id)
-        return upstream.status if upstream else S.CANCELLED
+        """A task's status; one that does not exist counts as CANCELLED."""
+        return self.store.statuses([task_id]).get(task_id, S.CANCELLED)
 
     def enqueue(self, task: Task) -> None:
         if task.status != S.QUEUED:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ _SECRET = re.compile(
 _URL_PASSWORD = re.compile(r"(\w+://[^/:@\s]*:)[^@/\s]+@")  # scheme://user:PASSWORD@host
 MASK = "********"
 _WAITS = (TaskStatus.PENDING, TaskStatus.QUEUED)
+_CHILDREN_FIELDS = [f.name for f in fields(Children)]
 
 # Why a PENDING or QUEUED task waits (server/waiting.py): installed by the HTTP app, which
 # knows the runtime; computed only for tasks that wait.
@@ -67,7 +68,7 @@ def task_json(
         "finished_at": rfc3339(task.finished_at),
         "resolved_at": rfc3339(task.resolved_at),
         "depends_on": [{"id": str(d.upstream_id), "kind": d.kind.value} for d in deps],
-        "children": asdict(children),
+        "children": _counts(children),
         "shard_id": task.shard_id,
         "total_shards": task.total_shards,
         "gang": task.gang,
@@ -75,6 +76,11 @@ def task_json(
         "waiting_for": _waiting_for(task, deps),
         "usage": _usage(task),
     }
+
+
+def _counts(children: Children) -> dict[str, int]:
+    """asdict(children), without its deep copy of every count."""
+    return {name: getattr(children, name) for name in _CHILDREN_FIELDS}
 
 
 def _terminal(size: tuple[int, int] | None) -> dict[str, int] | None:

@@ -25,7 +25,10 @@ MAX_IDS = 20  # IDs listed in held_by and the like; the message says how many mo
 
 def explainer(runtime: Runtime) -> Callable[[Task, list[Dependency]], Explanation | None]:
     machine = _MachineCache(runtime)
-    return lambda task, deps: waiting_for(runtime, task, deps, machine())
+    # only a QUEUED task's answer looks at the machine
+    return lambda task, deps: waiting_for(
+        runtime, task, deps, machine() if task.status == S.QUEUED else None
+    )
 
 
 def waiting_for(
@@ -73,19 +76,18 @@ class _MachineCache:
 
 
 def _pending(runtime: Runtime, task: Task, deps: list[Dependency]) -> Explanation:
-    store = runtime.store
-    parent = store.get(task.parent_id) if task.parent_id is not None else None
-    if parent is not None and parent.status == S.PENDING:
+    parent = task.parent_id
+    asked = [d.upstream_id for d in deps] + ([] if parent is None else [parent])
+    statuses = runtime.store.statuses(asked)
+    if parent is not None and statuses.get(parent) == S.PENDING:
         return _said(
-            {"reason": "parent", "task": str(parent.id)},
-            f"its parent {parent.id} waits for its own dependencies",
+            {"reason": "parent", "task": str(parent)},
+            f"its parent {parent} waits for its own dependencies",
         )
-    waiting = []
-    for dep in deps:
-        upstream = store.get(dep.upstream_id)
-        status = upstream.status if upstream else S.CANCELLED
-        if dependency_verdict(dep.kind, status) == Verdict.WAIT:
-            waiting.append(dep.upstream_id)
+    waiting = [
+        d.upstream_id for d in deps
+        if dependency_verdict(d.kind, statuses.get(d.upstream_id, S.CANCELLED)) == Verdict.WAIT
+    ]
     found = {"reason": "dependencies", "tasks": [str(t) for t in waiting]}
     if not waiting:
         return _said(found, "its dependencies are met; it is about to queue")

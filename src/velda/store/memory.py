@@ -162,6 +162,9 @@ class MemoryStore:
     def get_many(self, ids: Iterable[int]) -> list[Task]:
         return [_out(self._state.tasks[i]) for i in ids if i in self._state.tasks]
 
+    def statuses(self, ids: list[int]) -> dict[int, TaskStatus]:
+        return {t.id: t.status for t in self._stored(ids)}
+
     def open_tasks(self) -> list[Task]:
         return [_out(t) for t in self._all() if t.status not in FINAL_STATES]
 

@@ -121,9 +121,15 @@ _JSON_COLUMNS = {"command", "env", "labels", "handle"}
 # page need it (env_of). A task read back without it has an empty env.
 _READ_COLUMNS = [c for c in _COLUMNS if c != "env"]
 _READ = ",".join(_READ_COLUMNS)
+_INSERTED = [c for c in _COLUMNS if c != "id"]
+_INSERT = f"INSERT INTO tasks ({','.join(_INSERTED)}) VALUES ({','.join('?' * len(_INSERTED))})"
+_ENCODED = _JSON_COLUMNS | {"alloc", "terminal"}
+_AS_IS = {str, int, float, type(None)}  # exactly these types: not a bool, not an enum
 
 
 def _encode(column: str, value: Any) -> Any:
+    if type(value) in _AS_IS and column not in _ENCODED:
+        return value  # the most of a row, past every check below
     if column in _JSON_COLUMNS:
         return None if value is None else json.dumps(value)
     if column == "alloc":
@@ -283,12 +289,7 @@ class SqliteStore:
     # --- tasks
 
     def insert(self, task: Task) -> int:
-        columns = [c for c in _COLUMNS if c != "id"]
-        values = [_encode(c, getattr(task, c)) for c in columns]
-        marks = ",".join("?" * len(columns))
-        cursor = self.db.execute(
-            f"INSERT INTO tasks ({','.join(columns)}) VALUES ({marks})", values
-        )
+        cursor = self.db.execute(_INSERT, [_encode(c, getattr(task, c)) for c in _INSERTED])
         assert cursor.lastrowid is not None
         task.id = cursor.lastrowid
         self.db.executemany(
@@ -418,6 +419,15 @@ class SqliteStore:
         ).fetchall()
         by_id = {t.id: t for t in map(_decode, rows)}
         return [by_id[i] for i in ids if i in by_id]
+
+    def statuses(self, ids: list[int]) -> dict[int, TaskStatus]:
+        found: dict[int, TaskStatus] = {}
+        for chunk in _chunks(ids):
+            rows = self.db.execute(
+                f"SELECT id, status FROM tasks WHERE id IN ({_marks(chunk)})", chunk
+            )
+            found.update((task_id, clean.status(status)) for task_id, status in rows)
+        return found
 
     def open_tasks(self) -> list[Task]:
         """Every task that is not final, oldest first."""
