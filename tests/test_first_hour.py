@@ -26,16 +26,6 @@ def ignored_signals(pid: int) -> set[int]:
     raise AssertionError(f"no SigIgn in /proc/{pid}/status")
 
 
-def task_pid(velda: Velda, task_id: str) -> int:
-    """The pid of the task's wrapper, the leader of its process group."""
-    path = velda.home / "logs" / f"{task_id}.1" / "pid"
-    deadline = time.monotonic() + 30
-    while not path.exists() or not path.read_text().strip():
-        assert time.monotonic() < deadline, f"task {task_id} never started"
-        time.sleep(0.05)
-    return int(path.read_text())
-
-
 def started_in_the_background(velda: Velda, *argv: str) -> subprocess.Popen[str]:
     """argv as `cmd &` runs it from a script: with SIGINT and SIGQUIT ignored."""
     def ignore_as_a_script_does() -> None:
@@ -139,7 +129,7 @@ def test_timeout_of_vrun_ends_the_task(velda: Velda) -> None:
     task = velda.wait("slow", timeout=30)
     assert task["status"] in ("FAILURE", "CANCELLED")
     assert task["signal"] == signal.SIGTERM
-    wait_gone(task_pid(velda, task["id"]))
+    wait_gone(velda.task_pid(task["id"]))
 
 
 def test_vrun_forwards_usr1_and_exits_with_the_task_code(velda: Velda) -> None:

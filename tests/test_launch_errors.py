@@ -220,7 +220,7 @@ def _stuck_running(velda: Velda, tmp_path: Path) -> tuple[str, subprocess.Popen[
     server was killed, the task's own process went away, and its handle points elsewhere."""
     task_id = velda.vbatch("sleep", "600")
     velda.wait(task_id, until={"RUNNING"})
-    pid = int((velda.home / "logs" / f"{task_id}.1" / "pid").read_text())
+    pid = velda.task_pid(task_id)
     velda.kill_server()
     os.killpg(pid, signal.SIGKILL)
     wait_gone(pid)
@@ -261,7 +261,7 @@ def test_a_running_task_whose_process_is_gone_does_not_stay_running_after_a_rest
 ) -> None:
     task_id = velda.vbatch("sleep", "600")
     velda.wait(task_id, until={"RUNNING"})
-    pid = int((velda.home / "logs" / f"{task_id}.1" / "pid").read_text())
+    pid = velda.task_pid(task_id)
     velda.kill_server()
     os.killpg(pid, signal.SIGKILL)
     wait_gone(pid)

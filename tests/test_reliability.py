@@ -11,15 +11,6 @@ from pathlib import Path
 from velda_cli import Velda, alive
 
 
-def _pid_of(velda: Velda, task_id: str) -> int:
-    path = velda.home / "logs" / f"{task_id}.1" / "pid"
-    deadline = time.monotonic() + 10
-    while not path.exists() or not path.read_text().strip():
-        assert time.monotonic() < deadline, f"task {task_id} never started"
-        time.sleep(0.05)
-    return int(path.read_text())
-
-
 def test_cancel_stops_a_whole_subtree(velda: Velda) -> None:
     velda.configure("[local]\ncpus = 8\n")
     script = (
@@ -31,7 +22,7 @@ def test_cancel_stops_a_whole_subtree(velda: Velda) -> None:
     velda.wait(root, until={"RUNNING_SUBTASKS"})
     deep = velda.wait(f"{root}/nested/deep", until={"RUNNING"})
     sleeper = velda.wait(f"{root}/sleeper", until={"RUNNING"})
-    pids = [_pid_of(velda, deep["id"]), _pid_of(velda, sleeper["id"])]
+    pids = [velda.task_pid(deep["id"]), velda.task_pid(sleeper["id"])]
     result = velda.run("velda", "task", "cancel", "root", check=True)
     assert result.stdout.startswith(f"task {root}: ")
     final = velda.wait(root, timeout=30)

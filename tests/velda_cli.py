@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -91,6 +92,33 @@ class Velda:
 
     def log(self, ref: str, *extra: str) -> subprocess.CompletedProcess[str]:
         return self.run("velda", "task", "log", ref, *extra, check=True)
+
+    def task_pid(self, task_id: str, attempt: int = 1, timeout: float = 30) -> int:
+        """The pid of a task's process group leader (its command, or the wrapper around it),
+        from the handle the server stored, else from the pid file the wrapper (or the reaper
+        of a dead server) wrote."""
+        path = self.home / "logs" / f"{task_id}.{attempt}" / "pid"
+        deadline = time.monotonic() + timeout
+        while True:
+            pid = self._stored_pid(task_id, attempt)
+            if pid is None and path.exists() and path.read_text().strip():
+                pid = int(path.read_text())
+            if pid is not None:
+                return pid
+            assert time.monotonic() < deadline, f"task {task_id} never started"
+            time.sleep(0.05)
+
+    def _stored_pid(self, task_id: str, attempt: int) -> int | None:
+        db = sqlite3.connect(f"file:{self.home / 'velda.db'}?mode=ro", uri=True, timeout=30)
+        try:
+            row = db.execute("SELECT attempt, handle FROM tasks WHERE id=?",
+                             (int(task_id),)).fetchone()
+        finally:
+            db.close()
+        if row is None or row[0] != attempt or not row[1]:
+            return None
+        pid = json.loads(row[1]).get("pid")
+        return pid if isinstance(pid, int) else None
 
     # --- the server
 

@@ -456,8 +456,11 @@ def start_server(
     log_path = os.path.join(home, "server.log")
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # private
     with open(log_fd, "ab") as log:
+        # the server under its reaper, which keeps the exit status of the tasks it starts
+        # should it die (engines/reaper.py)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "velda.server", "--home", home, *(extra_args or [])],
+            [sys.executable, "-m", "velda.engines.reaper", os.path.join(home, "server.lock"),
+             sys.executable, "-m", "velda.server", "--home", home, *(extra_args or [])],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             env=_server_env(),
         )

@@ -150,8 +150,9 @@ def _start(args: argparse.Namespace, home: str) -> int:
 
 
 def _stop(home: str) -> int:
-    """SIGTERM to the home's server, and wait for it to exit. A server too busy to answer
-    is stopped all the same: it is found by its lock, not by an answer."""
+    """SIGTERM to the home's server, and wait for it to exit and its lock to be free (its
+    reaper frees it once it has taken over the tasks still running). A server too busy to
+    answer is stopped all the same: it is found by its lock, not by an answer."""
     info = read_server_info(home)
     pid = info.get("pid") if info else None
     if not isinstance(pid, int) or not _is_server(pid) or not server_lock_held(home):
@@ -160,9 +161,7 @@ def _stop(home: str) -> int:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not alive(pid) and not server_lock_held(home):
             print(f"stopped the server (pid {pid})")
             return 0
         time.sleep(0.05)

@@ -1,10 +1,13 @@
 """The local engine: runs each attempt as a process group on this machine.
 
-The server does not stay between the task and its output: the status-file wrapper of
-status_file.py (a tiny `/bin/sh` script, about a megabyte, no interpreter) becomes the leader of
-a new session, runs the command with stdout and stderr opened straight onto the attempt's log
-files, and writes the exit status to a file. So a task keeps running, and its logs and exit
-status are recorded, while the server is down; the next server finds it again through `adopt`.
+The server does not stay between the task and its output. Under a reaper (reaper.py), the
+server spawns the command itself (spawn.py), leader of a new session, with stdout and stderr
+opened straight onto the attempt's log files; it writes the exit status to the attempt's
+status file before it reaps the process, and if it dies first, the reaper writes it. Where it
+cannot (a terminal, another user, a command only a shell can run, no reaper), the status-file
+wrapper of status_file.py (a tiny `/bin/sh` script, no interpreter) runs the command and
+writes its status. Either way a task keeps running, and its logs and exit status are
+recorded, while the server is down; the next server finds it again through `adopt`.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from velda.engines import spawn
 from velda.engines.base import (
     EngineError,
     EngineEvents,
@@ -29,6 +35,7 @@ from velda.engines.base import (
 )
 from velda.engines.keepers import Keepers
 from velda.engines.pids import start_time
+from velda.engines.reaper import Ending, ending_of, server_link, settle
 from velda.engines.run_as import task_user
 from velda.engines.status_file import (
     PID,
@@ -44,6 +51,7 @@ from velda.logindex import INDEX
 from velda.models import Exit, Pool, Reason, Resources
 
 _SH = shutil.which("sh") or "/bin/sh"
+_STATUS_GRACE_S = 0.5  # for the status of an adopted task reaped just now
 # A task starts with every signal at its default action and none blocked, however the server
 # was started: a server started by a `vbatch &` in a script inherits SIGINT and SIGQUIT
 # ignored, and a non-interactive sh can neither trap nor reset a signal ignored on entry, so
@@ -91,8 +99,8 @@ class LocalEngine:
         self.events = events
         self._override = (cpus, gpus)
         self._capacity = _machine(cpus, gpus)
-        # pidfd -> (task, attempt, pid if it is our child else -1, attempt dir)
-        self._watched: dict[int, tuple[str, int, int, Path]] = {}
+        self._watched: dict[int, _Watched] = {}  # by pidfd
+        self._reaper = server_link()
         self._keepers = Keepers()
 
     def capacity(self) -> Resources:
@@ -122,11 +130,17 @@ class LocalEngine:
     async def start(self, launch: Launch) -> Handle:
         if not os.path.isdir(launch.cwd):  # removed since the submit
             raise EngineError(f"working directory {launch.cwd} does not exist")
+        pid = self._spawn_direct(launch) if self._direct(launch) else None
+        if pid is not None:
+            handle: Handle = {"pid": pid, "start": start_time(pid), "dir": str(launch.attempt_dir)}
+            self._watch(launch, pid, own_child=True, direct=True)
+            self.events.running(launch.task_id, launch.attempt, handle)
+            return handle
         argv = [_SH, "-c", WRAPPER, "velda-task", str(launch.attempt_dir), launch.cwd]
         argv, env = self._as_pool_user(launch, argv + launch.argv, _local_env(launch))
         if launch.terminal is None:
             pid = _spawn(argv, env, _to_log_files(launch))
-            handle: Handle = {"pid": pid, "start": start_time(pid), "dir": str(launch.attempt_dir)}
+            handle = {"pid": pid, "start": start_time(pid), "dir": str(launch.attempt_dir)}
         else:
             pid, keeper = self._spawn_with_terminal(launch, argv, env)
             handle = {"pid": pid, "start": start_time(pid), "dir": str(launch.attempt_dir),
@@ -134,6 +148,35 @@ class LocalEngine:
         self._watch(launch, pid, own_child=True)
         self.events.running(launch.task_id, launch.attempt, handle)
         return handle
+
+    def _direct(self, launch: Launch) -> bool:
+        """Started without the wrapper: under a reaper that keeps its exit status if the
+        server dies, with no terminal and no other user to run as."""
+        return (self._reaper is not None and self._reaper.alive and spawn.available()
+                and launch.terminal is None and not launch.pool.options.get("user"))
+
+    def _spawn_direct(self, launch: Launch) -> int | None:
+        """The command itself, leading a new session; None where it cannot start so (not
+        found, not executable, not a binary...): the wrapper then runs it, and says why."""
+        assert self._reaper is not None
+        env = _local_env(launch)
+        path = find_command(launch.argv[0], env.get("PATH", os.defpath), launch.cwd)
+        if path is None:
+            return None
+        self._reaper.spawning(launch.attempt_dir)
+        if not self._reaper.alive:  # it just went: nothing would keep this task's status
+            return None
+        try:
+            pid = spawn.spawn(path, launch.argv, env, launch.cwd, _direct_files(launch),
+                              _DEFAULT_SIGNALS)
+        except OSError:
+            self._reaper.not_spawned()
+            return None
+        except ValueError as e:  # a NUL byte, '=' in a name, a lone surrogate
+            self._reaper.not_spawned()
+            raise EngineError(unusable_env(env, e)) from e
+        self._reaper.spawned(pid)
+        return pid
 
     def _spawn_with_terminal(
         self, launch: Launch, argv: list[str], env: dict[str, str]
@@ -224,26 +267,64 @@ class LocalEngine:
             os.close(fd)
         self._watched.clear()
 
-    def _watch(self, launch: Launch, pid: int, own_child: bool) -> bool:
+    def _watch(self, launch: Launch, pid: int, own_child: bool, direct: bool = False) -> bool:
         try:
             fd = os.pidfd_open(pid)
         except ProcessLookupError:
             return False
-        self._watched[fd] = (launch.task_id, launch.attempt, pid if own_child else -1,
-                             launch.attempt_dir)
+        self._watched[fd] = _Watched(launch.task_id, launch.attempt, pid, own_child, direct,
+                                     launch.attempt_dir)
         asyncio.get_running_loop().add_reader(fd, self._ended, fd)
         return True
 
     def _ended(self, fd: int) -> None:
         asyncio.get_running_loop().remove_reader(fd)
-        os.close(fd)
-        task_id, attempt, pid, attempt_dir = self._watched.pop(fd)
+        watched = self._watched.pop(fd)
+        if watched.direct:
+            os.close(fd)
+            ending = ending_of(watched.pid, watched.attempt_dir)
+            self._settle(ending)
+            self.events.exited(watched.task_id, watched.attempt, ending.exit)
+            return
         wait_status = None
-        if pid > 0:
-            _, wait_status = os.waitpid(pid, 0)
-        exit = self._read_exit(attempt_dir, wait_status)
+        if watched.own_child:
+            os.close(fd)
+            _, wait_status = os.waitpid(watched.pid, 0)
+        elif read_status(watched.attempt_dir) is None:
+            self._await_status(watched, fd, None)
+            return
+        else:
+            os.close(fd)
+        self._report_exit(watched, wait_status)
+
+    def _settle(self, ending: Ending) -> None:
+        """Its status file, then reaped; tried again every second while the disk is full."""
+        if not settle(ending):
+            asyncio.get_running_loop().call_later(1.0, self._settle, ending)
+            return
+        assert self._reaper is not None
+        self._reaper.reaped(ending.pid)
+
+    def _await_status(self, watched: _Watched, fd: int, gone_at: float | None) -> None:
+        """An adopted task that ended: its status comes from its parent (the reaper of the
+        server that started it), just before it reaps it, or later on a full disk. Once
+        the process is reaped without one, the status is lost."""
+        if read_status(watched.attempt_dir) is None:
+            if gone_at is None and _reaped(fd):
+                gone_at = time.monotonic()
+            if gone_at is None or time.monotonic() - gone_at < _STATUS_GRACE_S:
+                asyncio.get_running_loop().call_later(0.05, self._await_status, watched, fd,
+                                                      gone_at)
+                return
+        os.close(fd)
+        self._report_exit(watched, None)
+
+    def _report_exit(self, watched: _Watched, wait_status: int | None) -> None:
+        exit = self._read_exit(watched.attempt_dir, wait_status)
         # the end of a terminal's output may still be on its way to the log
-        self._keepers.after_drained(attempt_dir, lambda: self.events.exited(task_id, attempt, exit))
+        self._keepers.after_drained(
+            watched.attempt_dir, lambda: self.events.exited(watched.task_id, watched.attempt,
+                                                            exit))
 
     @staticmethod
     def _read_exit(attempt_dir: Path, wait_status: int | None) -> Exit:
@@ -256,6 +337,44 @@ class LocalEngine:
         if wait_status is not None and os.WIFEXITED(wait_status):
             return exit_from_status(os.WEXITSTATUS(wait_status))  # no room for the file
         return Exit(None, None, Reason.LOST)
+
+
+@dataclass
+class _Watched:
+    task_id: str
+    attempt: int
+    pid: int
+    own_child: bool
+    direct: bool  # spawned without the wrapper: the server writes its status file
+    attempt_dir: Path
+
+
+def _reaped(pidfd: int) -> bool:
+    """Is the process gone for good (reaped), not just ended (a zombie)?"""
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def find_command(name: str, path: str, cwd: str) -> str | None:
+    """Where `name` runs from, looked up as a shell does in the task's PATH (relative
+    entries from its working directory); a name with a `/` as it is. None: not found."""
+    if "/" in name:
+        return name
+    for entry in path.split(":"):
+        found = os.path.join(cwd, entry or ".", name)
+        if os.access(found, os.X_OK) and os.path.isfile(found):
+            return found
+    return None
+
+
+def _direct_files(launch: Launch) -> list[spawn.Open]:
+    """stdin empty; stdout and stderr opened onto the log files."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    return [(0, "/dev/null", os.O_RDONLY, 0), (1, str(launch.stdout_path), flags, 0o600),
+            (2, str(launch.stderr_path), flags, 0o600)]
 
 
 def _local_env(launch: Launch) -> dict[str, str]:

@@ -9,7 +9,8 @@ code and signal survive the server, and a cluster that forgets finished jobs.
     sh -c WRAPPER velda-task ATTEMPT_DIR CWD ARGV...
 
 It reports a command killed by signal N as 128+N, like every shell: `exit_from_status` reads
-an exit status above 128 as that signal.
+an exit status above 128 as that signal. A task the local engine spawns without the wrapper
+gets the same file from its parent (`write_status`: the server, or its reaper).
 """
 
 from __future__ import annotations
@@ -62,6 +63,26 @@ exit $s
 # so the exit status finds room on a disk that filled up meanwhile (its first block is
 # already the file's); the wrapper also exits with it, for the server to read from waitpid
 # when even that failed.
+
+
+def write_status(attempt_dir: Path, code: int, own: tuple[float, float],
+                 children: tuple[float, float]) -> None:
+    """What the wrapper writes, for a command started without it (its parent writes it for
+    it): the CPU totals (user, system) of the command and of what it reaped, then its exit
+    status as a shell reports it. OSError where it cannot be written."""
+    text = f"{_minutes(own[0])} {_minutes(own[1])}\n{_minutes(children[0])} " \
+           f"{_minutes(children[1])}\n{code}\n"
+    fd = os.open(attempt_dir / STATUS, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                 0o600)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _minutes(seconds: float) -> str:
+    """As the shell's `times` writes a duration: 1m2.500000s."""
+    return f"{int(seconds // 60)}m{seconds % 60:.6f}s"
 
 
 def exit_from_status(code: int) -> Exit:

@@ -22,6 +22,7 @@ from typing import Any
 import uvicorn
 
 from velda.config import Config, ConfigError, config_file, config_path, load_config
+from velda.engines.reaper import inherited_lock, server_link
 from velda.paths import DEFAULT_PORT, server_file, velda_home
 from velda.server.app import build_app
 from velda.server.auth import Auth, load_or_create_token
@@ -75,6 +76,11 @@ def bind(host: str, port: int | None, remembered: int | None = None) -> socket.s
 
 
 def take_lock(home: Path) -> int:
+    """The home's lock, held while this server lives; a reaper that started it took it for
+    it (reaper.py)."""
+    inherited = inherited_lock()
+    if inherited is not None:
+        return inherited
     fd = os.open(home / "server.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -203,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     take_lock(home)
+    server_link()  # taken now, before anything is started that could inherit it
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         _run(serve(args, home))

@@ -611,7 +611,12 @@ class Runtime:
     def attempt_usage(self, task_id: int, attempt: int,
                       ended_at: float | None) -> dict[str, Any] | None:
         """What an attempt used (server/usage.py), or None where nothing was measured."""
-        return usage_of(self.attempt_dir(task_id, attempt), self.usage, ended_at)
+        return usage_of(self.attempt_dir(task_id, attempt), self.usage, ended_at,
+                        lambda: self._attempt_started(task_id, attempt))
+
+    def _attempt_started(self, task_id: int, attempt: int) -> float | None:
+        found = [a["started_at"] for a in self.store.attempts(task_id) if a["attempt"] == attempt]
+        return found[0] if found else None
 
     # --- engine events
 

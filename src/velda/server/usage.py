@@ -146,11 +146,12 @@ class UsageSampler:
         self._watched.clear()
 
 
-def usage_of(attempt_dir: Path, sampler: UsageSampler,
-             ended_at: float | None) -> dict[str, Any] | None:
+def usage_of(attempt_dir: Path, sampler: UsageSampler, ended_at: float | None,
+             started_at: Callable[[], float | None] = lambda: None) -> dict[str, Any] | None:
     """An attempt's `usage` object: live while the sampler watches it, else its summary
     (made now from its files, and kept, if it ended, at `ended_at`, while no server
-    watched)."""
+    watched). `started_at`: when the attempt started by the store, asked only for a
+    summary of a task started without the wrapper (which writes when it started)."""
     live = sampler.live(attempt_dir)
     if live is not None:
         return live
@@ -160,7 +161,7 @@ def usage_of(attempt_dir: Path, sampler: UsageSampler,
     times = read_times(attempt_dir)
     if not samples and times is None:
         return None  # not a local attempt, or it never ran
-    summary = summarise(_started_at(attempt_dir, samples[0] if samples else None),
+    summary = summarise(_started_at(attempt_dir, samples[0] if samples else None, started_at),
                         samples[-2] if len(samples) > 1 else None,
                         samples[-1] if samples else None, len(samples),
                         max((s.rss for s in samples), default=0), _gpu_peaks(samples), times,
@@ -245,10 +246,14 @@ def _gpu_peaks(samples: list[Sample]) -> dict[int, int]:
     return peaks
 
 
-def _started_at(attempt_dir: Path, first: Sample | None) -> float | None:
-    """When the attempt's command started: when its wrapper did (a Ray node has none, and
-    samples at once); else its first sample, if any."""
+def _started_at(attempt_dir: Path, first: Sample | None,
+                stored: Callable[[], float | None] = lambda: None) -> float | None:
+    """When the attempt's command started: when its wrapper did; else when the store says
+    it started (a task the server spawned itself); else (a Ray node has neither, and
+    samples at once) its first sample, if any."""
     started = wrapper_started(attempt_dir)
+    if started is None:
+        started = stored()
     return started if started is not None or first is None else first.t
 
 
