@@ -47,6 +47,7 @@ _PF_EXITING = 0x4  # /proc/PID/stat flags: the process is in exit (before it rep
 _PIPE_SIZE = 1 << 20
 _LOCK_WAIT_S = 5.0
 _SPAWN_WAIT_S = 0.2  # for a child the dead server was spawning to open its stdout
+_ROUND_S = 0.25  # the pipe is read at least this often: it holds 1 MiB, 15,000 tasks' worth
 
 
 # --- both sides: a task's end, written before it is reaped
@@ -183,7 +184,9 @@ class Reaper:
 
     def run(self, wake: int) -> int:
         while self.server_code is None or self.orphans or self.unsettled:
-            select.select([wake] if self.pipe is None else [self.pipe, wake], [], [], 1.0)
+            # woken by SIGCHLD only: what the server writes waits in the pipe until it dies,
+            # or the next round (so that a task costs the server no wake-up of the reaper)
+            select.select([wake], [], [], _ROUND_S)
             _drain(wake)
             self.read_pipe()
             self.reap()
