@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from velda.engines.pids import boot_ticks, start_time, start_time_since
 from velda.engines.status_file import read_int, read_status
 from velda_cli import FINAL, Velda, alive, wait_gone
 
@@ -161,3 +162,13 @@ def _all_final(velda: Velda, count: int) -> list[dict[str, Any]]:
             return [t for t in tasks if t["command"][0] == "sh"]
         assert time.monotonic() < deadline, "tasks still open after 120 s"
         time.sleep(0.2)
+
+
+def test_the_start_time_taken_at_a_spawn_is_the_kernel_s(tmp_path: Path) -> None:
+    """A task's handle carries its start time, to tell it from a later process with its
+    pid; the server takes it from the clock at the spawn, not from /proc."""
+    for _ in range(100):
+        before = boot_ticks()
+        pid = os.posix_spawn("/bin/sleep", ["sleep", "0.02"], {})
+        assert start_time_since(pid, before) == start_time(pid)
+        os.waitpid(pid, 0)

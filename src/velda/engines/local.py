@@ -34,7 +34,7 @@ from velda.engines.base import (
     start_each,
 )
 from velda.engines.keepers import Keepers
-from velda.engines.pids import start_time
+from velda.engines.pids import boot_ticks, start_time, start_time_since
 from velda.engines.reaper import Ending, ending_of, server_link, settle
 from velda.engines.run_as import task_user
 from velda.engines.status_file import (
@@ -130,9 +130,11 @@ class LocalEngine:
     async def start(self, launch: Launch) -> Handle:
         if not os.path.isdir(launch.cwd):  # removed since the submit
             raise EngineError(f"working directory {launch.cwd} does not exist")
+        before = boot_ticks()
         pid = self._spawn_direct(launch) if self._direct(launch) else None
         if pid is not None:
-            handle: Handle = {"pid": pid, "start": start_time(pid), "dir": str(launch.attempt_dir)}
+            handle: Handle = {"pid": pid, "start": start_time_since(pid, before),
+                              "dir": str(launch.attempt_dir)}
             self._watch(launch, pid, own_child=True, direct=True)
             self.events.running(launch.task_id, launch.attempt, handle)
             return handle
@@ -140,7 +142,8 @@ class LocalEngine:
         argv, env = self._as_pool_user(launch, argv + launch.argv, _local_env(launch))
         if launch.terminal is None:
             pid = _spawn(argv, env, _to_log_files(launch))
-            handle = {"pid": pid, "start": start_time(pid), "dir": str(launch.attempt_dir)}
+            handle = {"pid": pid, "start": start_time_since(pid, before),
+                      "dir": str(launch.attempt_dir)}
         else:
             pid, keeper = self._spawn_with_terminal(launch, argv, env)
             handle = {"pid": pid, "start": start_time(pid), "dir": str(launch.attempt_dir),
