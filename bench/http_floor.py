@@ -11,7 +11,6 @@ budgets.py §3 runs it next to the submit rows, with the same submitters.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import sys
@@ -22,6 +21,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from velda.server.main import run_loop  # the server's own event loop
 
 
 async def submit(request: Request) -> JSONResponse:
@@ -45,14 +46,5 @@ async def serve(port_file: Path) -> None:
     await server.serve(sockets=[sock])
 
 
-def main() -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(Path(sys.argv[1])))
-    else:
-        uvloop.run(serve(Path(sys.argv[1])))
-
-
 if __name__ == "__main__":
-    main()
+    run_loop(serve(Path(sys.argv[1])))

@@ -289,15 +289,11 @@ class LocalEngine:
             self._settle(ending)
             self.events.exited(watched.task_id, watched.attempt, ending.exit)
             return
-        wait_status = None
-        if watched.own_child:
-            os.close(fd)
-            _, wait_status = os.waitpid(watched.pid, 0)
-        elif read_status(watched.attempt_dir) is None:
+        if not watched.own_child:
             self._await_status(watched, fd, None)
             return
-        else:
-            os.close(fd)
+        os.close(fd)
+        _, wait_status = os.waitpid(watched.pid, 0)
         self._report_exit(watched, wait_status)
 
     def _settle(self, ending: Ending) -> None:
@@ -309,9 +305,10 @@ class LocalEngine:
         self._reaper.reaped(ending.pid)
 
     def _await_status(self, watched: _Watched, fd: int, gone_at: float | None) -> None:
-        """An adopted task that ended: its status comes from its parent (the reaper of the
-        server that started it), just before it reaps it, or later on a full disk. Once
-        the process is reaped without one, the status is lost."""
+        """An adopted task that ended: its status is there if its wrapper wrote it, else it
+        comes from its parent (the reaper of the server that started it) just before it
+        reaps it, or later on a full disk. Once the process is reaped without one, the
+        status is lost."""
         if read_status(watched.attempt_dir) is None:
             if gone_at is None and _reaped(fd):
                 gone_at = time.monotonic()

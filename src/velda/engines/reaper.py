@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from velda.engines.pids import start_time
+from velda.engines.proc_tree import tree_figures
 from velda.engines.status_file import PID, write_status
 from velda.models import Exit
 
@@ -61,7 +62,7 @@ class Ending:
     attempt_dir: Path
     exit: Exit
     status: int  # as a shell reports it: 128+N for signal N
-    cpu: tuple[tuple[float, float], tuple[float, float]]  # its own, and what it reaped
+    cpu: tuple[float, float]  # user and system seconds, its own and what it reaped
 
 
 def ending_of(pid: int, attempt_dir: Path) -> Ending:
@@ -73,31 +74,20 @@ def ending_of(pid: int, attempt_dir: Path) -> Ending:
         exit, status = Exit.from_code(info.si_status), info.si_status
     else:
         exit, status = Exit.from_signal(info.si_status), 128 + info.si_status
-    return Ending(pid, attempt_dir, exit, status, _cpu_seconds(pid))
+    figures = tree_figures(pid)  # a zombie's /proc/PID/stat: its totals, no children left
+    return Ending(pid, attempt_dir, exit, status, figures[:2] if figures else (0.0, 0.0))
 
 
 def settle(ending: Ending) -> bool:
     """Its status file written, then the child reaped. False, and nothing reaped, where the
     file cannot be written yet (a full disk): the zombie keeps its end until it can."""
     try:
-        write_status(ending.attempt_dir, ending.status, *ending.cpu)
+        write_status(ending.attempt_dir, ending.status, ending.cpu)
     except OSError as e:
         log.warning("cannot write the status of %s yet: %s", ending.attempt_dir, e)
         return False
     os.waitpid(ending.pid, 0)
     return True
-
-
-def _cpu_seconds(pid: int) -> tuple[tuple[float, float], tuple[float, float]]:
-    """User and system CPU of an ended (zombie) process, and of the children it reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return (0.0, 0.0), (0.0, 0.0)
-    fields = stat.rsplit(b")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    utime, stime, cutime, cstime = (int(f) / tick for f in fields[11:15])
-    return (utime, stime), (cutime, cstime)
 
 
 # --- the server's side

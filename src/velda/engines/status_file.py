@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from velda.engines.proc_tree import TIMES
+from velda.engines.proc_tree import TIMES, times_text
 from velda.models import Exit
 
 _TIME = re.compile(r"(\d+)m([\d.]+)s")
@@ -65,24 +65,17 @@ exit $s
 # when even that failed.
 
 
-def write_status(attempt_dir: Path, code: int, own: tuple[float, float],
-                 children: tuple[float, float]) -> None:
+def write_status(attempt_dir: Path, code: int, cpu: tuple[float, float]) -> None:
     """What the wrapper writes, for a command started without it (its parent writes it for
     it): the CPU totals (user, system) of the command and of what it reaped, then its exit
     status as a shell reports it. OSError where it cannot be written."""
-    text = f"{_minutes(own[0])} {_minutes(own[1])}\n{_minutes(children[0])} " \
-           f"{_minutes(children[1])}\n{code}\n"
+    text = times_text(*cpu) + f"{code}\n"
     fd = os.open(attempt_dir / STATUS, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
                  0o600)
     try:
         os.write(fd, text.encode())
     finally:
         os.close(fd)
-
-
-def _minutes(seconds: float) -> str:
-    """As the shell's `times` writes a duration: 1m2.500000s."""
-    return f"{int(seconds // 60)}m{seconds % 60:.6f}s"
 
 
 def exit_from_status(code: int) -> Exit:

@@ -194,7 +194,8 @@ def withdraw(home: Path) -> None:
         pass
 
 
-def _run(main: Coroutine[Any, Any, None]) -> None:
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """`main` to its end on uvloop where it is installed, else on asyncio's own loop."""
     try:
         import uvloop
     except ImportError:
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     server_link()  # taken now, before anything is started that could inherit it
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        _run(serve(args, home))
+        run_loop(serve(args, home))
     except ConfigError as e:
         print(f"velda: {e}", file=sys.stderr)
         return 2
