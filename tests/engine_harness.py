@@ -50,12 +50,15 @@ class Recorder:
             self.errors.append(f"running {key} after running or exited")
         self.started[key] = handle
 
-    def exited(self, task_id: str, attempt: int, exit: Exit) -> None:
+    def exited(self, task_id: str, attempt: int, exit: Exit,
+               written: Callable[[], None] | None = None) -> None:
         key = (task_id, attempt)
         self._check_thread()
         if key in self.ended:
             self.errors.append(f"exited {key} twice")
         self.ended[key] = exit
+        if written is not None:  # kept, as a store would
+            written()
 
     def _check_thread(self) -> None:
         if threading.get_ident() != self.loop_thread:

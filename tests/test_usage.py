@@ -49,6 +49,17 @@ def test_a_short_task_gets_exact_cpu_totals(velda: Velda) -> None:
     assert (usage["samples"] == 0) == (usage["peak_memory_bytes"] is None)
 
 
+def test_a_task_started_without_the_wrapper_gets_exact_cpu_totals_from_the_store(
+    velda: Velda, hog: Hog
+) -> None:
+    # the server spawns it itself: no status file holds its totals, its zombie gave them
+    task = velda.wait(velda.vbatch(*hog(1, 0.4)))
+    spun = float(velda.log(task["id"]).stdout)
+    assert spun - 0.01 <= task["usage"]["cpu_s"] <= spun + 1, task["usage"]
+    # the server spawned it itself (no wrapper wrote a status file) and stored its exit
+    assert not (velda.home / "logs" / f"{task['id']}.1" / "status").exists()
+
+
 def test_wide_listing_and_top_show_what_running_tasks_use(velda: Velda, hog: Hog) -> None:
     busy = velda.vbatch("--name", "busy", *hog(50, 30))
     idle = velda.vbatch("--name", "idle", "sleep", "30")

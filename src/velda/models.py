@@ -109,6 +109,9 @@ class Exit:
     signal: int | None = None
     reason: Reason | None = None  # None: it succeeded
     detail: str | None = None  # one line on why, where the exit code does not say it
+    # CPU seconds (user, system) of the command and of all it reaped, where its engine read
+    # them as it ended (the local engine, from the process it spawned itself)
+    cpu: tuple[float, float] | None = None
 
     @property
     def succeeded(self) -> bool:

@@ -19,6 +19,7 @@ EngineEvents that checks the order of its reports; a new engine adds itself to t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,7 +62,11 @@ class EngineEvents(Protocol):
         clock of the machine it runs on), from an engine that learns of a start some time
         after it; else the server takes the time of the report."""
 
-    def exited(self, task_id: str, attempt: int, exit: Exit) -> None: ...
+    def exited(self, task_id: str, attempt: int, exit: Exit,
+               written: Callable[[], None] | None = None) -> None:
+        """The attempt ended. `written`: called once the exit is in the store (committed),
+        or will never be: the engine may then let go of what kept it until then (the local
+        engine reaps the process it spawned itself, whose zombie is its record till then)."""
 
 
 class EngineError(Exception):

@@ -13,6 +13,7 @@ recorded, while the server is down; the next server finds it again through `adop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +35,10 @@ from velda.engines.base import (
     StartResult,
     start_each,
 )
+from velda.engines.command_path import CommandPaths
 from velda.engines.keepers import Keepers
 from velda.engines.pids import boot_ticks, start_time, start_time_since
-from velda.engines.reaper import Ending, ending_of, server_link, settle
+from velda.engines.reaper import ending_of, server_link
 from velda.engines.run_as import task_user
 from velda.engines.status_file import (
     PID,
@@ -102,6 +105,7 @@ class LocalEngine:
         self._watched: dict[int, _Watched] = {}  # by pidfd
         self._reaper = server_link()
         self._keepers = Keepers()
+        self._commands = CommandPaths()
 
     def capacity(self) -> Resources:
         return self._capacity
@@ -163,7 +167,7 @@ class LocalEngine:
         found, not executable, not a binary...): the wrapper then runs it, and says why."""
         assert self._reaper is not None
         env = _local_env(launch)
-        path = find_command(launch.argv[0], env.get("PATH", os.defpath), launch.cwd)
+        path = self._commands.find(launch.argv[0], env.get("PATH", os.defpath), launch.cwd)
         if path is None:
             return None
         self._reaper.spawning(launch.attempt_dir)
@@ -286,8 +290,8 @@ class LocalEngine:
         if watched.direct:
             os.close(fd)
             ending = ending_of(watched.pid, watched.attempt_dir)
-            self._settle(ending)
-            self.events.exited(watched.task_id, watched.attempt, ending.exit)
+            self.events.exited(watched.task_id, watched.attempt, ending.exit,
+                               partial(self._reap, watched.pid))
             return
         if not watched.own_child:
             self._await_status(watched, fd, None)
@@ -296,13 +300,13 @@ class LocalEngine:
         _, wait_status = os.waitpid(watched.pid, 0)
         self._report_exit(watched, wait_status)
 
-    def _settle(self, ending: Ending) -> None:
-        """Its status file, then reaped; tried again every second while the disk is full."""
-        if not settle(ending):
-            asyncio.get_running_loop().call_later(1.0, self._settle, ending)
-            return
+    def _reap(self, pid: int) -> None:
+        """Its exit is in the store: the zombie that kept it until then goes (were the
+        server killed before, its reaper would write its status file from it)."""
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
         assert self._reaper is not None
-        self._reaper.reaped(ending.pid)
+        self._reaper.reaped(pid)
 
     def _await_status(self, watched: _Watched, fd: int, gone_at: float | None) -> None:
         """An adopted task that ended: its status is there if its wrapper wrote it, else it
@@ -356,18 +360,6 @@ def _reaped(pidfd: int) -> bool:
     except ProcessLookupError:
         return True
     return False
-
-
-def find_command(name: str, path: str, cwd: str) -> str | None:
-    """Where `name` runs from, looked up as a shell does in the task's PATH (relative
-    entries from its working directory); a name with a `/` as it is. None: not found."""
-    if "/" in name:
-        return name
-    for entry in path.split(":"):
-        found = os.path.join(cwd, entry or ".", name)
-        if os.access(found, os.X_OK) and os.path.isfile(found):
-            return found
-    return None
 
 
 def _direct_files(launch: Launch) -> list[spawn.Open]:

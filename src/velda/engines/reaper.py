@@ -9,10 +9,10 @@ children; the reaper writes each one's `pid` file at once and, when it ends, its
 file, as the wrapper would have; the next server finds them as it finds wrapped tasks.
 
 The server tells the reaper, through a pipe, which attempt directory each pid is (`S DIR`
-before a spawn, `P PID` after it, `X` when it failed, `E PID` once the server wrote that
-task's status itself). A task ended while the server lived is written by the server the same
-way: its status is read without reaping it (`WNOWAIT`), written, and only then reaped, so a
-kill between the two leaves a zombie for the reaper, never a lost status.
+before a spawn, `P PID` after it, `X` when it failed, `E PID` once the server reaped it). The
+end of a task that ends while the server lives is read without reaping it (`WNOWAIT`,
+zombie.py), committed to the store with its CPU totals, and only then reaped: a kill between
+the two leaves a zombie for the reaper, never a lost status, and no file is written for it.
 
 The reaper passes the server's lock (`server.lock`) to the server and keeps its own copy of
 it until it has written the pid files of the tasks a dead server left, so a new server
@@ -32,11 +32,11 @@ import select
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from velda.engines import zombie
 from velda.engines.pids import start_time
-from velda.engines.proc_tree import tree_figures
 from velda.engines.status_file import PID, write_status
 from velda.models import Exit
 
@@ -51,7 +51,7 @@ _SPAWN_WAIT_S = 0.2  # for a child the dead server was spawning to open its stdo
 _ROUND_S = 0.25  # the pipe is read at least this often: it holds 1 MiB, 15,000 tasks' worth
 
 
-# --- both sides: a task's end, written before it is reaped
+# --- both sides: a task's end, read before it is reaped
 
 
 @dataclass
@@ -68,26 +68,12 @@ class Ending:
 def ending_of(pid: int, attempt_dir: Path) -> Ending:
     """The end of a child that ended, read without reaping it: exactly (a signal is told
     from an exit status above 128)."""
-    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-    assert info is not None
-    if info.si_code == os.CLD_EXITED:
-        exit, status = Exit.from_code(info.si_status), info.si_status
+    how, value, cpu = zombie.ended(pid)
+    if how == os.CLD_EXITED:
+        exit, status = Exit.from_code(value), value
     else:
-        exit, status = Exit.from_signal(info.si_status), 128 + info.si_status
-    figures = tree_figures(pid)  # a zombie's /proc/PID/stat: its totals, no children left
-    return Ending(pid, attempt_dir, exit, status, figures[:2] if figures else (0.0, 0.0))
-
-
-def settle(ending: Ending) -> bool:
-    """Its status file written, then the child reaped. False, and nothing reaped, where the
-    file cannot be written yet (a full disk): the zombie keeps its end until it can."""
-    try:
-        write_status(ending.attempt_dir, ending.status, ending.cpu)
-    except OSError as e:
-        log.warning("cannot write the status of %s yet: %s", ending.attempt_dir, e)
-        return False
-    os.waitpid(ending.pid, 0)
-    return True
+        exit, status = Exit.from_signal(value), 128 + value
+    return Ending(pid, attempt_dir, replace(exit, cpu=cpu), status, cpu)
 
 
 # --- the server's side
@@ -158,6 +144,18 @@ def _inherited_fd(var: str) -> int | None:
 
 
 # --- the reaper process
+
+
+def settle(ending: Ending) -> bool:
+    """Its status file written, then the child reaped. False, and nothing reaped, where the
+    file cannot be written yet (a full disk): the zombie keeps its end until it can."""
+    try:
+        write_status(ending.attempt_dir, ending.status, ending.cpu)
+    except OSError as e:
+        log.warning("cannot write the status of %s yet: %s", ending.attempt_dir, e)
+        return False
+    os.waitpid(ending.pid, 0)
+    return True
 
 
 class Reaper:

@@ -11,8 +11,10 @@ its status-file wrapper for every task.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
+import sys
 from collections.abc import Iterable, Sequence
 
 _SETSIGDEF = 0x04  # POSIX_SPAWN_SETSIGDEF
@@ -20,6 +22,7 @@ _SETSIGMASK = 0x08  # POSIX_SPAWN_SETSIGMASK
 _SETSID = 0x80  # POSIX_SPAWN_SETSID (glibc 2.26, musl)
 # the C types are opaque; these sizes hold them with room to spare (glibc: 80, 336, 128 bytes)
 _ACTIONS_SIZE, _ATTR_SIZE, _SIGSET_SIZE = 256, 1024, 256
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 _libc: ctypes.CDLL | None
 try:
@@ -38,7 +41,7 @@ Open = tuple[int, str, int, int]
 
 
 def spawn(path: str, argv: Sequence[str], env: dict[str, str], cwd: str,
-          opens: Iterable[Open], default_signals: Iterable[signal.Signals]) -> int:
+          opens: Iterable[Open], default_signals: tuple[signal.Signals, ...]) -> int:
     """The pid of `argv` run from `path` in `cwd`, leading a new session, with `opens` done,
     `default_signals` at their default action and no signal blocked. OSError where it cannot
     start (its errno as the C library says: ENOENT, EACCES, ENOEXEC...), ValueError for an
@@ -49,35 +52,40 @@ def spawn(path: str, argv: Sequence[str], env: dict[str, str], cwd: str,
     c_argv = _strings(argv)
     c_env = _strings(f"{k}={v}" for k, v in env.items())
     actions = ctypes.create_string_buffer(_ACTIONS_SIZE)
-    attr = ctypes.create_string_buffer(_ATTR_SIZE)
     _check(_libc.posix_spawn_file_actions_init(actions))
-    _check(_libc.posix_spawnattr_init(attr))
     try:
         for fd, file, flags, mode in opens:
             _check(_libc.posix_spawn_file_actions_addopen(actions, fd, os.fsencode(file),
                                                           flags, mode))
         _check(_addchdir(actions, os.fsencode(cwd)))
-        _set_signals(attr, default_signals)
-        _check(_libc.posix_spawnattr_setflags(attr, ctypes.c_short(_SETSID | _SETSIGDEF
-                                                                   | _SETSIGMASK)))
         pid = ctypes.c_int()
-        _check(_libc.posix_spawn(ctypes.byref(pid), os.fsencode(path), actions, attr,
-                                 c_argv, c_env))
+        _check(_libc.posix_spawn(ctypes.byref(pid), os.fsencode(path), actions,
+                                 _attributes(default_signals), c_argv, c_env))
         return pid.value
     finally:
         _libc.posix_spawn_file_actions_destroy(actions)
-        _libc.posix_spawnattr_destroy(attr)
 
 
 def _strings(items: Iterable[str]) -> ctypes.Array[ctypes.c_char_p]:
-    """A NULL-terminated char* array; ValueError for a NUL byte or text not encodable."""
-    encoded = []
-    for item in items:
-        raw = os.fsencode(item)  # UnicodeError (a ValueError) for a lone surrogate
-        if b"\0" in raw:
-            raise ValueError("embedded null byte")
-        encoded.append(raw)
+    """A NULL-terminated char* array; ValueError for a NUL byte or text not encodable (a lone
+    surrogate: UnicodeError), as os.fsencode says."""
+    encoded = [item.encode(_FS_ENCODING, _FS_ERRORS) for item in items]
+    if any(b"\0" in raw for raw in encoded):
+        raise ValueError("embedded null byte")
     return (ctypes.c_char_p * (len(encoded) + 1))(*encoded, None)
+
+
+@functools.cache
+def _attributes(defaults: tuple[signal.Signals, ...]) -> ctypes.Array[ctypes.c_char]:
+    """The spawn attributes, the same for every spawn (made once, read by each): a new
+    session, `defaults` at their default action, no signal blocked."""
+    assert _libc is not None
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    _check(_libc.posix_spawnattr_init(attr))
+    _set_signals(attr, defaults)
+    _check(_libc.posix_spawnattr_setflags(attr, ctypes.c_short(_SETSID | _SETSIGDEF
+                                                               | _SETSIGMASK)))
+    return attr
 
 
 def _set_signals(attr: ctypes.Array[ctypes.c_char], defaults: Iterable[signal.Signals]) -> None:

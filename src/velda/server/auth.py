@@ -55,7 +55,7 @@ class Auth:
         self._login_codes: dict[str, float] = {}
 
     def _sign(self, text: str) -> str:
-        return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()[:32]
+        return hmac.digest(self._key, text.encode(), "sha256").hex()[:32]
 
     def task_token(self, task_id: int) -> str:
         return f"task.{task_id}.{self._sign(f'task:{task_id}')}"

@@ -612,11 +612,7 @@ class Runtime:
                       ended_at: float | None) -> dict[str, Any] | None:
         """What an attempt used (server/usage.py), or None where nothing was measured."""
         return usage_of(self.attempt_dir(task_id, attempt), self.usage, ended_at,
-                        lambda: self._attempt_started(task_id, attempt))
-
-    def _attempt_started(self, task_id: int, attempt: int) -> float | None:
-        found = [a["started_at"] for a in self.store.attempts(task_id) if a["attempt"] == attempt]
-        return found[0] if found else None
+                        lambda: self.store.attempt_record(task_id, attempt))
 
     # --- engine events
 
@@ -669,11 +665,13 @@ class Runtime:
         if engine.samples_here and isinstance(leader, int):
             self.usage.watch(directory, leader, task.alloc.gpu_ids if task.alloc else (), fresh)
 
-    def exited(self, task_id: str, attempt: int, exit: Exit) -> None:
+    def exited(self, task_id: str, attempt: int, exit: Exit,
+               written: Callable[[], None] | None = None) -> None:
         """An attempt ended. An exit that finds the disk full is kept in memory and written
-        as soon as there is space (the status file keeps it across a restart too)."""
+        as soon as there is space (its engine keeps it across a restart too: its status
+        file, or its zombie until `written`)."""
         self.reports.add(("exit", task_id, attempt),
-                         lambda: self._commit_exit(int(task_id), attempt, exit))
+                         lambda: self._commit_exit(int(task_id), attempt, exit), written)
 
     def _commit_exit(self, task_id: int, attempt: int, exit: Exit) -> None:
         directory = self.attempt_dir(task_id, attempt)
@@ -713,7 +711,7 @@ class Runtime:
         task.finished_at = self.now()
         task.exit_code, task.signal, task.reason = exit.exit_code, exit.signal, reason
         task.reason_detail = exit.detail
-        self.store.record_attempt(task)
+        self.store.record_attempt(task, exit.cpu)
         return ("finished_at", "exit_code", "signal", "reason", "reason_detail")
 
     def _should_retry(self, task: Task) -> bool:

@@ -13,9 +13,11 @@ The first sample of an attempt comes with the first pass after it started, so a 
 ends sooner (a flood of `true`) costs no sample and no file. At the end the exact CPU totals
 come from the status-file wrapper, which writes its shell's `times` into the attempt's `status`
 file, ahead of the exit status, as it exits (status_file.py; a Ray attempt's come in a `times`
-file). The summary of an ended attempt (the `usage` object of the
-API, docs/api.md) is made from those files when it is first asked for and kept in
-`usage.json` beside them. An attempt adopted after a restart continues its file.
+file); those of a task the server spawned itself are read from its zombie with its exit
+status (engines/zombie.py) and stored with its exit, as is when it started. The summary of an
+ended attempt (the `usage` object of the API, docs/api.md) is made from those when it is
+first asked for and kept in `usage.json` beside its files. An attempt adopted after a
+restart continues its file.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from velda.engines.status_file import STATUS, read_status, read_times, wrapper_s
 from velda.models import Task
 from velda.server import gpu_usage
 from velda.server.paced import PacedPasses
-from velda.store.base import Store
+from velda.store.base import AttemptRecord, Store
 
 INTERVAL_S = 1.0
 MAX_SHARE = 0.02  # of the event loop's time that sampling may take
@@ -147,21 +149,30 @@ class UsageSampler:
 
 
 def usage_of(attempt_dir: Path, sampler: UsageSampler, ended_at: float | None,
-             started_at: Callable[[], float | None] = lambda: None) -> dict[str, Any] | None:
+             stored: Callable[[], AttemptRecord | None] = lambda: None,
+             ) -> dict[str, Any] | None:
     """An attempt's `usage` object: live while the sampler watches it, else its summary
     (made now from its files, and kept, if it ended, at `ended_at`, while no server
-    watched). `started_at`: when the attempt started by the store, asked only for a
-    summary of a task started without the wrapper (which writes when it started)."""
+    watched). `stored`: what the store keeps of the attempt, asked only for a summary of
+    a task started without the wrapper (which writes when it started and its CPU totals);
+    a task the server spawned itself has its start and its CPU totals there."""
     live = sampler.live(attempt_dir)
     if live is not None:
         return live
     with contextlib.suppress(OSError, ValueError, TypeError):
         return dict(json.loads(_read(attempt_dir / SUMMARY)))
     samples = read_samples(attempt_dir)
-    times = read_times(attempt_dir)
+    started, times = wrapper_started(attempt_dir), read_times(attempt_dir)
+    if started is None or times is None:  # started without the wrapper, or still running
+        record = stored()
+        if record is not None:
+            started = record.started_at if started is None else started
+            times = record.cpu if times is None else times
     if not samples and times is None:
         return None  # not a local attempt, or it never ran
-    summary = summarise(_started_at(attempt_dir, samples[0] if samples else None, started_at),
+    if started is None and samples:
+        started = samples[0].t  # a Ray node samples at once
+    summary = summarise(started,
                         samples[-2] if len(samples) > 1 else None,
                         samples[-1] if samples else None, len(samples),
                         max((s.rss for s in samples), default=0), _gpu_peaks(samples), times,
@@ -246,14 +257,10 @@ def _gpu_peaks(samples: list[Sample]) -> dict[int, int]:
     return peaks
 
 
-def _started_at(attempt_dir: Path, first: Sample | None,
-                stored: Callable[[], float | None] = lambda: None) -> float | None:
-    """When the attempt's command started: when its wrapper did; else when the store says
-    it started (a task the server spawned itself); else (a Ray node has neither, and
-    samples at once) its first sample, if any."""
+def _started_at(attempt_dir: Path, first: Sample | None) -> float | None:
+    """When the attempt's command started: when its wrapper did; else (a Ray node samples
+    at once) its first sample, if any."""
     started = wrapper_started(attempt_dir)
-    if started is None:
-        started = stored()
     return started if started is not None or first is None else first.t
 
 

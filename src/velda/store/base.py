@@ -12,9 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from velda.models import Children, Dependency, DependencyKind, Task, TaskStatus
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    started_at: float | None
+    cpu: tuple[float, float] | None  # (user, system) seconds, where its engine gave them
 
 
 class Store(Protocol):
@@ -138,8 +145,12 @@ class Store(Protocol):
 
     # --- attempts and counts
 
-    def record_attempt(self, task: Task) -> None:
-        """Save how the task's current attempt went, replacing an earlier save of it."""
+    def record_attempt(self, task: Task, cpu: tuple[float, float] | None = None) -> None:
+        """Save how the task's current attempt went, replacing an earlier save of it. `cpu`:
+        its command's CPU seconds (user, system), where its engine read them as it ended."""
+
+    def attempt_record(self, task_id: int, attempt: int) -> AttemptRecord | None:
+        """When that attempt started and what CPU it used, as saved; None if never saved."""
 
     def attempts(self, task_id: int) -> list[dict[str, Any]]:
         """The saved attempts of the task by number: attempt, started_at, finished_at,

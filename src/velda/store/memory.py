@@ -21,6 +21,7 @@ from velda.models import (
     Task,
     TaskStatus,
 )
+from velda.store.base import AttemptRecord
 
 _WAITING = (TaskStatus.PENDING, TaskStatus.QUEUED)
 
@@ -34,6 +35,7 @@ class _State:
     labels: dict[int, dict[str, str]] = field(default_factory=dict)  # as inserted
     deps: set[tuple[int, int, DependencyKind]] = field(default_factory=set)
     attempts: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    attempt_cpu: dict[tuple[int, int], tuple[float, float] | None] = field(default_factory=dict)
     idempotency_keys: dict[int, str] = field(default_factory=dict)
     retry_keys: dict[int, str] = field(default_factory=dict)
 
@@ -266,7 +268,7 @@ class MemoryStore:
 
     # --- attempts
 
-    def record_attempt(self, task: Task) -> None:
+    def record_attempt(self, task: Task, cpu: tuple[float, float] | None = None) -> None:
         self._state.attempts[(task.id, task.attempt)] = {
             "attempt": task.attempt,
             "started_at": task.started_at,
@@ -275,6 +277,13 @@ class MemoryStore:
             "signal": task.signal,
             "reason": task.reason.value if task.reason else None,
         }
+        self._state.attempt_cpu[(task.id, task.attempt)] = cpu
+
+    def attempt_record(self, task_id: int, attempt: int) -> AttemptRecord | None:
+        saved = self._state.attempts.get((task_id, attempt))
+        if saved is None:
+            return None
+        return AttemptRecord(saved["started_at"], self._state.attempt_cpu.get((task_id, attempt)))
 
     def attempts(self, task_id: int) -> list[dict[str, Any]]:
         return [dict(a) for (t, _), a in sorted(self._state.attempts.items()) if t == task_id]

@@ -27,6 +27,7 @@ from velda.models import (
     TaskStatus,
 )
 from velda.store import clean
+from velda.store.base import AttemptRecord
 
 _SQLITE_FULL = 13  # the primary result code of "database or disk is full"
 _SQLITE_IOERR_SHMSIZE = 4874  # no room for the WAL's shared-memory file
@@ -87,6 +88,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     exit_code INTEGER,
     signal INTEGER,
     reason TEXT,
+    cpu_user_s REAL,
+    cpu_system_s REAL,
     PRIMARY KEY (task_id, attempt)
 );
 """
@@ -95,8 +98,10 @@ CREATE TABLE IF NOT EXISTS attempts (
 # the last retry applied to it, so a request repeated after a lost answer changes nothing.
 # (reason_detail is a field of Task: why its attempt ended, in words.)
 _ADDED_COLUMNS = (
-    ("idempotency_key", "TEXT"), ("retry_key", "TEXT"), ("reason_detail", "TEXT"),
-    ("submitted_at", "REAL"), ("stop_cause", "TEXT"), ("terminal", "TEXT"),
+    ("tasks", "idempotency_key", "TEXT"), ("tasks", "retry_key", "TEXT"),
+    ("tasks", "reason_detail", "TEXT"), ("tasks", "submitted_at", "REAL"),
+    ("tasks", "stop_cause", "TEXT"), ("tasks", "terminal", "TEXT"),
+    ("attempts", "cpu_user_s", "REAL"), ("attempts", "cpu_system_s", "REAL"),
 )
 
 # Stores made before submitted_at and stop_cause kept them as flags in the engine's handle: an
@@ -228,6 +233,7 @@ class SqliteStore:
         self._migrate()
         self.db.text_factory = clean.text_of
         self._depth = 0
+        self._last_env: tuple[str | None, dict[str, str]] = (None, {})  # env_of's last read
         self._repair()
 
     def _repair(self) -> None:
@@ -241,16 +247,17 @@ class SqliteStore:
 
     def _migrate(self) -> None:
         """Columns added since the first release, added to a store made before them."""
-        have = {row[1] for row in self.db.execute("PRAGMA table_info(tasks)")}
-        for column, kind in _ADDED_COLUMNS:
-            if column not in have:
+        have = {(table, row[1]) for table in ("tasks", "attempts")
+                for row in self.db.execute(f"PRAGMA table_info({table})")}
+        for table, column, kind in _ADDED_COLUMNS:
+            if (table, column) not in have:
                 try:
-                    self.db.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
                 except sqlite3.OperationalError as e:  # the one start-up write that must be
                     if is_disk_full(e):
                         raise StoreFull(self.path) from e
                     raise
-        if "submitted_at" not in have:
+        if ("tasks", "submitted_at") not in have:
             self.db.executescript(_FLAGS_TO_COLUMNS)
         self.db.execute(
             "CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency_key ON tasks(idempotency_key) "
@@ -407,7 +414,10 @@ class SqliteStore:
         if row is None:
             return {}
         own, shard_id, parents = row
-        return clean.str_dict(parents if shard_id is not None and parents else own)
+        text = parents if shard_id is not None and parents else own
+        if text != self._last_env[0]:  # tasks of one submitter share it: read it once
+            self._last_env = (text, clean.str_dict(text))
+        return dict(self._last_env[1])
 
     def get_many(self, ids: Iterable[int]) -> list[Task]:
         ids = list(ids)
@@ -600,11 +610,11 @@ class SqliteStore:
 
     # --- attempts
 
-    def record_attempt(self, task: Task) -> None:
+    def record_attempt(self, task: Task, cpu: tuple[float, float] | None = None) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO attempts "
-            "(task_id, attempt, started_at, finished_at, exit_code, signal, reason) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO attempts (task_id, attempt, started_at, finished_at, "
+            "exit_code, signal, reason, cpu_user_s, cpu_system_s) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 task.id,
                 task.attempt,
@@ -613,8 +623,18 @@ class SqliteStore:
                 task.exit_code,
                 task.signal,
                 task.reason.value if task.reason else None,
+                *(cpu or (None, None)),
             ),
         )
+
+    def attempt_record(self, task_id: int, attempt: int) -> AttemptRecord | None:
+        row = self.db.execute(
+            "SELECT started_at, cpu_user_s, cpu_system_s FROM attempts "
+            "WHERE task_id=? AND attempt=?", (task_id, attempt)).fetchone()
+        if row is None:
+            return None
+        started_at, user, system = row
+        return AttemptRecord(started_at, None if user is None else (user, system or 0.0))
 
     def attempts(self, task_id: int) -> list[dict[str, Any]]:
         rows = self.db.execute(
