@@ -1,6 +1,6 @@
 """Tasks started straight from the server, under its reaper (engines/reaper.py): what a dead
 server leaves is written down, a dead reaper costs nothing but the fast path, and a task's end
-is told exactly."""
+is told exactly (read from its zombie, with its CPU totals); where its command is found."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from velda.engines import zombie
+from velda.engines.command_path import CommandPaths
 from velda.engines.pids import boot_ticks, start_time, start_time_since
 from velda.engines.status_file import read_int, read_status
 from velda_cli import FINAL, Velda, alive, wait_gone
@@ -172,3 +174,38 @@ def test_the_start_time_taken_at_a_spawn_is_the_kernel_s(tmp_path: Path) -> None
         pid = os.posix_spawn("/bin/sleep", ["sleep", "0.02"], {})
         assert start_time_since(pid, before) == start_time(pid)
         os.waitpid(pid, 0)
+
+
+def test_an_ended_child_s_status_and_cpu_totals_are_read_and_it_stays_unreaped() -> None:
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    child = subprocess.Popen([sys.executable, "-c", spin + "raise SystemExit(7)"])
+    how, status, (user, system) = zombie.ended(child.pid)  # waits for the end, reaps nothing
+    assert (how, status) == (os.CLD_EXITED, 7)
+    stat = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    assert stat[0] == "Z"  # still there: its parent reaps it when it chooses
+    tick = os.sysconf("SC_CLK_TCK")
+    assert 0.3 <= user + system
+    assert abs(user - (int(stat[11]) + int(stat[13])) / tick) <= 0.02  # /proc's, in ticks
+    assert child.wait() == 7
+
+    killed = subprocess.Popen(["sleep", "30"])
+    killed.kill()
+    assert zombie.ended(killed.pid)[:2] == (os.CLD_KILLED, signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
+
+
+def test_where_a_command_is_found_is_remembered_for_a_while(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    (second / "tool").write_text("#!/bin/sh\n")
+    (second / "tool").chmod(0o755)
+    paths = CommandPaths(ttl_s=0.3)
+    path = f"{first}:{second}"
+    assert paths.find("tool", path, "/") == str(second / "tool")
+    (first / "tool").write_text("#!/bin/sh\n")
+    (first / "tool").chmod(0o755)
+    assert paths.find("tool", path, "/") == str(second / "tool")  # remembered
+    time.sleep(0.35)
+    assert paths.find("tool", path, "/") == str(first / "tool")  # looked up again
+    assert paths.find("missing", path, "/") is None
+    assert paths.find("./run.sh", path, "/") == "./run.sh"  # a path is taken as it is
