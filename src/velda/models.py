@@ -110,8 +110,8 @@ class Exit:
     reason: Reason | None = None  # None: it succeeded
     detail: str | None = None  # one line on why, where the exit code does not say it
     # CPU seconds (user, system) of the command and of all it reaped, where its engine read
-    # them as it ended (the local engine, from the process it spawned itself)
-    cpu: tuple[float, float] | None = None
+    # them as it ended: a measure of the attempt, not part of how it ended (not compared)
+    cpu: tuple[float, float] | None = field(default=None, compare=False)
 
     @property
     def succeeded(self) -> bool:

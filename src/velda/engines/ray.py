@@ -403,8 +403,14 @@ def ray_options(launch: Launch) -> dict[str, Any]:
 
 
 def exit_of(status: dict[str, Any]) -> Exit:
+    """An attempt's exit as its bridge reported it (or kept it in ray.json): its status and,
+    where its command ran, its CPU totals."""
     reason = status.get("reason")
-    return Exit(status.get("code"), status.get("signal"), Reason(reason) if reason else None)
+    cpu = status.get("cpu")
+    totals = ((float(cpu[0]), float(cpu[1])) if isinstance(cpu, list) and len(cpu) == 2
+              and all(isinstance(v, int | float) for v in cpu) else None)
+    return Exit(status.get("code"), status.get("signal"), Reason(reason) if reason else None,
+                cpu=totals)
 
 
 def gcs_host_port(address: str) -> tuple[str, int] | None:

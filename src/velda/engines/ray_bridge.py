@@ -108,16 +108,14 @@ class _Run:
             self.logs[stream] = _open_log(path)
         return self.logs[stream]
 
-    def measured(self, kind: str, text: str) -> None:
-        """A usage sample from the node (appended to the attempt's `usage` file), or its CPU
-        totals (its `times` file), as server/usage.py reads them for a local attempt."""
-        name, flags = ((proc_tree.SAMPLES, os.O_APPEND) if kind == "usage"
-                       else (proc_tree.TIMES, os.O_TRUNC))
-        path = Path(self.state_path).parent / name
+    def sampled(self, line: str) -> None:
+        """A usage sample from the node, appended to the attempt's `usage` file as
+        server/usage.py reads it for a local attempt (its CPU totals come with its exit)."""
+        path = Path(self.state_path).parent / proc_tree.SAMPLES
         with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | flags, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_APPEND, 0o600)
             try:
-                os.write(fd, text.encode())
+                os.write(fd, line.encode())
             finally:
                 os.close(fd)
 
@@ -394,7 +392,7 @@ class Bridge:
     async def _frame(self, run: _Run, kind: str, payload: bytes) -> None:
         if kind == "start":
             await self._chunk(run, kind, json.loads(payload))
-        elif kind in ("usage", "times"):
+        elif kind == "usage":
             await self._chunk(run, kind, payload.decode())
         else:
             await self._chunk(run, kind, payload)
@@ -443,8 +441,8 @@ class Bridge:
             run.append(kind, payload)
         elif kind == "start":
             await self._started(run, payload)
-        elif kind in ("usage", "times"):  # what it used, where the server reads it
-            run.measured(kind, payload)
+        elif kind == "usage":  # what it uses, where the server reads it
+            run.sampled(payload)
 
     def _started(self, run: _Run, start: dict[str, Any]) -> asyncio.Future[None]:
         """The attempt's command runs (said once: by a datagram, its record, or both)."""

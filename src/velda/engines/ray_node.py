@@ -36,7 +36,7 @@ import tarfile
 from collections.abc import Generator, Iterator
 from typing import Any
 
-from velda.engines.proc_tree import sample_line, times_text, tree_figures
+from velda.engines.proc_tree import sample_line, tree_figures
 
 _READ_SIZE = 96 * 1024  # a chunk stays under Ray's 100 KiB inline limit: no object store
 _PIPE_SIZE = 1024 * 1024
@@ -46,7 +46,7 @@ _LEND_WAIT_S = 0.05  # while lending, output is read between waits this long
 USAGE_INTERVAL_S = 1.0  # as the server samples local attempts (server/usage.py)
 _HOLD_S = 0.01  # an attempt that ends sooner reports everything with its exit
 _HOLD_BYTES = 256 * 1024  # ... if it wrote no more than this
-FRAME_KINDS = ("start", "stdout", "stderr", "usage", "times")  # on the connection to the bridge
+FRAME_KINDS = ("start", "stdout", "stderr", "usage")  # on the connection to the bridge
 FRAME_HEADER = "!BI"  # struct: kind (index in FRAME_KINDS), payload length
 
 
@@ -56,12 +56,12 @@ def run_attempt(spec: bytes, archive: bytes | None = None) -> dict[str, Any]:
     status, "items": [(kind, payload), ...] not sent to the bridge, "streamed": whether a
     connection to the bridge was opened}. The record is ("start", info), then
     ("stdout"|"stderr", bytes) chunks with ("usage", line) samples of what it uses among
-    them, then ("times", its CPU totals). With a terminal [rows, cols], the command runs on a
-    pseudo-terminal of that size: its whole session comes as "stdout", and the control port
-    types into it. `gpus`: the task asked Ray for GPUs. `back` is [host, TCP port, UDP port,
-    key, token] of the bridge: the start is announced at once by a datagram (a hint that
-    spares a short attempt's start the wait for its return value; the record carries it
-    too)."""
+    them; the exit status carries its CPU totals ("cpu": [user, system] seconds). With a
+    terminal [rows, cols], the command runs on a pseudo-terminal of that size: its whole
+    session comes as "stdout", and the control port types into it. `gpus`: the task asked
+    Ray for GPUs. `back` is [host, TCP port, UDP port, key, token] of the bridge: the start
+    is announced at once by a datagram (a hint that spares a short attempt's start the wait
+    for its return value; the record carries it too)."""
     import shutil
 
     attempt = json.loads(spec)
@@ -181,8 +181,7 @@ def _run_in(
                          "at": started_at})
         usage.leader = proc.pid
         yield from _pump(proc, _Lender(ray, control), master, usage)
-        yield ("times", usage.totals())
-        yield ("exit", _status(proc.returncode))
+        yield ("exit", {**_status(proc.returncode), "cpu": usage.totals()})
     finally:
         control.close()
         _killpg(proc.pid, signal.SIGKILL)
@@ -456,12 +455,12 @@ class _Usage:
         figures = tree_figures(self.leader)
         return None if figures is None else sample_line(time.time(), figures)
 
-    def totals(self) -> str:
-        """The attempt's `times` file: the CPU seconds its command and all it reaped used."""
+    def totals(self) -> list[float]:
+        """The CPU seconds (user, system) its command and all it reaped used."""
         import resource
 
         now = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return times_text(now.ru_utime - self.spent.ru_utime, now.ru_stime - self.spent.ru_stime)
+        return [now.ru_utime - self.spent.ru_utime, now.ru_stime - self.spent.ru_stime]
 
 
 def _drain_deadline(proc: subprocess.Popen[bytes], deadline: float | None) -> float | None:

@@ -12,9 +12,10 @@ sample is one JSON line appended to the attempt's `usage` file, which the task p
 The first sample of an attempt comes with the first pass after it started, so a task that
 ends sooner (a flood of `true`) costs no sample and no file. At the end the exact CPU totals
 come from the status-file wrapper, which writes its shell's `times` into the attempt's `status`
-file, ahead of the exit status, as it exits (status_file.py; a Ray attempt's come in a `times`
-file); those of a task the server spawned itself are read from its zombie with its exit
-status (engines/zombie.py) and stored with its exit, as is when it started. The summary of an
+file, ahead of the exit status, as it exits (status_file.py); those of a task the server
+spawned itself are read from its zombie with its exit status (engines/zombie.py), and a Ray
+node sends its attempt's with its exit status, and they are stored with the exit, as is when
+it started (an older velda's Ray attempt has them in a `times` file). The summary of an
 ended attempt (the `usage` object of the API, docs/api.md) is made from those when it is
 first asked for and kept in `usage.json` beside its files. An attempt adopted after a
 restart continues its file.
