@@ -69,10 +69,11 @@ def spawn(path: str, argv: Sequence[str], env: dict[str, str], cwd: str,
 def _strings(items: Iterable[str]) -> ctypes.Array[ctypes.c_char_p]:
     """A NULL-terminated char* array; ValueError for a NUL byte or text not encodable (a lone
     surrogate: UnicodeError), as os.fsencode says."""
-    encoded = [item.encode(_FS_ENCODING, _FS_ERRORS) for item in items]
-    if any(b"\0" in raw for raw in encoded):
+    encoded: list[bytes | None] = [item.encode(_FS_ENCODING, _FS_ERRORS) for item in items]
+    if b"\0" in b"".join(encoded):  # type: ignore[arg-type]  # no None in it yet
         raise ValueError("embedded null byte")
-    return (ctypes.c_char_p * (len(encoded) + 1))(*encoded, None)
+    encoded.append(None)
+    return (ctypes.c_char_p * len(encoded))(*encoded)
 
 
 @functools.cache

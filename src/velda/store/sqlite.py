@@ -234,6 +234,7 @@ class SqliteStore:
         self.db.text_factory = clean.text_of
         self._depth = 0
         self._last_env: tuple[str | None, dict[str, str]] = (None, {})  # env_of's last read
+        self._last_env_in: tuple[dict[str, str] | None, str] = (None, "")  # insert's last
         self._repair()
 
     def _repair(self) -> None:
@@ -296,7 +297,9 @@ class SqliteStore:
     # --- tasks
 
     def insert(self, task: Task) -> int:
-        cursor = self.db.execute(_INSERT, [_encode(c, getattr(task, c)) for c in _INSERTED])
+        row = [_encode(c, getattr(task, c)) if c != "env" else self._env_text(task.env)
+               for c in _INSERTED]
+        cursor = self.db.execute(_INSERT, row)
         assert cursor.lastrowid is not None
         task.id = cursor.lastrowid
         self.db.executemany(
@@ -304,6 +307,12 @@ class SqliteStore:
             [(task.id, k, v) for k, v in task.labels.items()],
         )
         return task.id
+
+    def _env_text(self, env: dict[str, str]) -> str:
+        """The env column: tasks of one submitter share it, so it is encoded once for them."""
+        if env != self._last_env_in[0]:
+            self._last_env_in = (dict(env), json.dumps(env))
+        return self._last_env_in[1]
 
     def insert_shards(self, template: Task, count: int) -> None:
         """`count` shards of one parent, each `template` with its own shard_id and name, in
