@@ -12,7 +12,7 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,7 @@ _COLUMNS = (
     "exit_code signal reason created_at started_at finished_at resolved_at blocking shard_id "
     "total_shards gang handle alloc cancel_requested reason_detail submitted_at stop_cause terminal"
 ).split()
+assert set(_COLUMNS) == {f.name for f in fields(Task)}, "a Task field without its column"
 _JSON_COLUMNS = {"command", "env", "labels", "handle"}
 # Reads leave out the environment, by far the largest column: only starting a task and its
 # page need it (env_of). A task read back without it has an empty env.
@@ -165,7 +166,10 @@ def _decode(row: sqlite3.Row) -> Task:
     values["terminal"] = clean.terminal(values["terminal"])
     for flag in ("blocking", "gang", "cancel_requested"):
         values[flag] = bool(values[flag])
-    return Task(**values)
+    # Task(**values) without its __init__, which took half of a read: every field is set
+    task = object.__new__(Task)
+    task.__dict__.update(values)
+    return task
 
 
 class StoreFull(OSError):
