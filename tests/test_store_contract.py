@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -208,6 +209,41 @@ def test_attempts_are_replaced_per_number(store: Store) -> None:
         {"attempt": 1, "started_at": 1.0, "finished_at": 2.0, "exit_code": None, "signal": 9,
          "reason": "signal"},
     ]
+
+
+def test_an_attempt_s_start_and_cpu_totals_are_kept_with_its_exit(store: Store) -> None:
+    task = store.get(_add(store))
+    assert task is not None
+    task.attempt, task.started_at = 1, 5.0
+    store.record_attempt(task)  # at its start: no totals yet
+    record = store.attempt_record(task.id, 1)
+    assert record is not None and (record.started_at, record.cpu) == (5.0, None)
+    task.finished_at, task.exit_code = 6.0, 0
+    store.record_attempt(task, (0.25, 0.125))
+    record = store.attempt_record(task.id, 1)
+    assert record is not None and (record.started_at, record.cpu) == (5.0, (0.25, 0.125))
+    assert store.attempt_record(task.id, 2) is None
+
+
+def test_a_store_made_before_cpu_totals_gains_their_columns(tmp_path: Path) -> None:
+    old = sqlite3.connect(tmp_path / "velda.db")
+    old.execute("CREATE TABLE attempts (task_id INTEGER NOT NULL, attempt INTEGER NOT NULL, "
+                "started_at REAL, finished_at REAL, exit_code INTEGER, signal INTEGER, "
+                "reason TEXT, PRIMARY KEY (task_id, attempt))")
+    old.execute("INSERT INTO attempts VALUES (7, 1, 1.0, 2.0, 0, NULL, NULL)")
+    old.commit()
+    old.close()
+    store = SqliteStore(tmp_path / "velda.db")
+    record = store.attempt_record(7, 1)  # an attempt it had keeps what it had
+    assert record is not None and (record.started_at, record.cpu) == (1.0, None)
+    task = store.get(_add(store))
+    assert task is not None
+    task.attempt, task.started_at = 1, 3.0
+    with store.transaction():
+        store.record_attempt(task, (1.5, 0.5))
+    record = store.attempt_record(task.id, 1)
+    assert record is not None and record.cpu == (1.5, 0.5)
+    store.close()
 
 
 def test_open_tasks_oldest_first(store: Store) -> None:
