@@ -2,8 +2,9 @@
 
 The server does not stay between the task and its output. Under a reaper (reaper.py), the
 server spawns the command itself (spawn.py), leader of a new session, with stdout and stderr
-opened straight onto the attempt's log files; it writes the exit status to the attempt's
-status file before it reaps the process, and if it dies first, the reaper writes it. Where it
+opened straight onto the attempt's log files; it reads the exit status from the ended process
+(zombie.py) and reaps it only once the store has it, and if it dies first, the reaper writes
+it to the attempt's status file. Where it
 cannot (a terminal, another user, a command only a shell can run, no reaper), the status-file
 wrapper of status_file.py (a tiny `/bin/sh` script, no interpreter) runs the command and
 writes its status. Either way a task keeps running, and its logs and exit status are
@@ -25,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from velda.engines import spawn
+from velda.engines import spawn, zombie
 from velda.engines.base import (
     EngineError,
     EngineEvents,
@@ -38,7 +39,7 @@ from velda.engines.base import (
 from velda.engines.command_path import CommandPaths
 from velda.engines.keepers import Keepers
 from velda.engines.pids import boot_ticks, start_time, start_time_since
-from velda.engines.reaper import ending_of, server_link
+from velda.engines.reaper import server_link
 from velda.engines.run_as import task_user
 from velda.engines.status_file import (
     PID,
@@ -289,8 +290,7 @@ class LocalEngine:
         watched = self._watched.pop(fd)
         if watched.direct:
             os.close(fd)
-            ending = ending_of(watched.pid, watched.attempt_dir)
-            self.events.exited(watched.task_id, watched.attempt, ending.exit,
+            self.events.exited(watched.task_id, watched.attempt, zombie.read_exit(watched.pid),
                                partial(self._reap, watched.pid))
             return
         if not watched.own_child:
@@ -349,7 +349,7 @@ class _Watched:
     attempt: int
     pid: int
     own_child: bool
-    direct: bool  # spawned without the wrapper: the server writes its status file
+    direct: bool  # spawned without the wrapper: its zombie keeps its end until it is stored
     attempt_dir: Path
 
 

@@ -32,10 +32,11 @@ import select
 import signal
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from velda.engines import zombie
+from velda.engines.libc import LIBC
 from velda.engines.pids import start_time
 from velda.engines.status_file import PID, write_status
 from velda.models import Exit
@@ -49,31 +50,6 @@ _PIPE_SIZE = 1 << 20
 _LOCK_WAIT_S = 5.0
 _SPAWN_WAIT_S = 0.2  # for a child the dead server was spawning to open its stdout
 _ROUND_S = 0.25  # the pipe is read at least this often: it holds 1 MiB, 15,000 tasks' worth
-
-
-# --- both sides: a task's end, read before it is reaped
-
-
-@dataclass
-class Ending:
-    """How an ended child (not yet reaped) ended, and what its status file says."""
-
-    pid: int
-    attempt_dir: Path
-    exit: Exit
-    status: int  # as a shell reports it: 128+N for signal N
-    cpu: tuple[float, float]  # user and system seconds, its own and what it reaped
-
-
-def ending_of(pid: int, attempt_dir: Path) -> Ending:
-    """The end of a child that ended, read without reaping it: exactly (a signal is told
-    from an exit status above 128)."""
-    how, value, cpu = zombie.ended(pid)
-    if how == os.CLD_EXITED:
-        exit, status = Exit.from_code(value), value
-    else:
-        exit, status = Exit.from_signal(value), 128 + value
-    return Ending(pid, attempt_dir, replace(exit, cpu=cpu), status, cpu)
 
 
 # --- the server's side
@@ -146,11 +122,27 @@ def _inherited_fd(var: str) -> int | None:
 # --- the reaper process
 
 
+@dataclass
+class Ending:
+    """How an ended child (not yet reaped) of the reaper ended, for its status file."""
+
+    pid: int
+    attempt_dir: Path
+    exit: Exit  # exact, with its CPU totals (zombie.read_exit)
+
+    @property
+    def status(self) -> int:
+        """As a shell reports it: 128+N for signal N."""
+        if self.exit.signal is not None:
+            return 128 + self.exit.signal
+        return self.exit.exit_code or 0
+
+
 def settle(ending: Ending) -> bool:
     """Its status file written, then the child reaped. False, and nothing reaped, where the
     file cannot be written yet (a full disk): the zombie keeps its end until it can."""
     try:
-        write_status(ending.attempt_dir, ending.status, ending.cpu)
+        write_status(ending.attempt_dir, ending.status, ending.exit.cpu or (0.0, 0.0))
     except OSError as e:
         log.warning("cannot write the status of %s yet: %s", ending.attempt_dir, e)
         return False
@@ -224,7 +216,7 @@ class Reaper:
             if pid == self.server_pid:
                 self.server_died()
             elif pid in self.orphans:
-                ending = ending_of(pid, self.orphans.pop(pid))
+                ending = Ending(pid, self.orphans.pop(pid), zombie.read_exit(pid))
                 if not settle(ending):
                     self.unsettled[pid] = ending
             elif self.server_code is None and _exiting(self.server_pid):
@@ -332,8 +324,7 @@ def _take_lock(path: str) -> int | None:
 
 
 def _become_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if LIBC is None or LIBC.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 

@@ -17,6 +17,8 @@ import signal
 import sys
 from collections.abc import Iterable, Sequence
 
+from velda.engines.libc import LIBC
+
 _SETSIGDEF = 0x04  # POSIX_SPAWN_SETSIGDEF
 _SETSIGMASK = 0x08  # POSIX_SPAWN_SETSIGMASK
 _SETSID = 0x80  # POSIX_SPAWN_SETSID (glibc 2.26, musl)
@@ -24,12 +26,8 @@ _SETSID = 0x80  # POSIX_SPAWN_SETSID (glibc 2.26, musl)
 _ACTIONS_SIZE, _ATTR_SIZE, _SIGSET_SIZE = 256, 1024, 256
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
-_libc: ctypes.CDLL | None
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _addchdir = _libc.posix_spawn_file_actions_addchdir_np
-except (OSError, AttributeError):
-    _libc = None
+_libc = LIBC if LIBC is not None and hasattr(LIBC, "posix_spawn_file_actions_addchdir_np") \
+    else None
 
 
 def available() -> bool:
@@ -57,7 +55,7 @@ def spawn(path: str, argv: Sequence[str], env: dict[str, str], cwd: str,
         for fd, file, flags, mode in opens:
             _check(_libc.posix_spawn_file_actions_addopen(actions, fd, os.fsencode(file),
                                                           flags, mode))
-        _check(_addchdir(actions, os.fsencode(cwd)))
+        _check(_libc.posix_spawn_file_actions_addchdir_np(actions, os.fsencode(cwd)))
         pid = ctypes.c_int()
         _check(_libc.posix_spawn(ctypes.byref(pid), os.fsencode(path), actions,
                                  _attributes(default_signals), c_argv, c_env))

@@ -10,7 +10,8 @@ code and signal survive the server, and a cluster that forgets finished jobs.
 
 It reports a command killed by signal N as 128+N, like every shell: `exit_from_status` reads
 an exit status above 128 as that signal. A task the local engine spawns without the wrapper
-gets the same file from its parent (`write_status`: the server, or its reaper).
+gets the same file from the reaper of a server that died before storing its end
+(`write_status`).
 """
 
 from __future__ import annotations

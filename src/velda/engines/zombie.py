@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+from dataclasses import replace
 
+from velda.engines.libc import LIBC
 from velda.engines.proc_tree import tree_figures
+from velda.models import Exit
 
 # SYS_waitid by machine; 64-bit layouts: siginfo_t is 128 bytes with si_code at 8 and
 # si_status at 24, struct rusage begins with two struct timeval (seconds and microseconds)
@@ -29,11 +32,7 @@ class _Rusage(ctypes.Structure):
     _fields_ = [("utime", _Timeval), ("stime", _Timeval), ("rest", ctypes.c_long * 14)]
 
 
-_libc: ctypes.CDLL | None
-try:
-    _libc = ctypes.CDLL(None, use_errno=True) if _SYS_WAITID is not None else None
-except OSError:
-    _libc = None
+_libc = LIBC if _SYS_WAITID is not None else None
 
 
 def ended(pid: int) -> tuple[int, int, tuple[float, float]]:
@@ -53,6 +52,14 @@ def ended(pid: int) -> tuple[int, int, tuple[float, float]]:
     assert result is not None
     figures = tree_figures(pid)  # a zombie's /proc/PID/stat: its totals, no children left
     return result.si_code, result.si_status, figures[:2] if figures else (0.0, 0.0)
+
+
+def read_exit(pid: int) -> Exit:
+    """How `pid`, a child that ended, ended, with its CPU totals; left unreaped. Exact: a
+    signal is told from an exit status above 128."""
+    how, value, cpu = ended(pid)
+    exit = Exit.from_code(value) if how == os.CLD_EXITED else Exit.from_signal(value)
+    return replace(exit, cpu=cpu)
 
 
 def _seconds(value: _Timeval) -> float:

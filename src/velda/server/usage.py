@@ -75,7 +75,6 @@ class _Watched:
         self.gpu_ids = gpu_ids
         # an adopted attempt continues its file
         earlier = [] if fresh else read_samples(attempt_dir)
-        self.first = earlier[0] if earlier else None
         self.last = earlier[-1] if earlier else None
         self.previous: Sample | None = earlier[-2] if len(earlier) > 1 else None
         self.peak_rss = max((s.rss for s in earlier), default=0)
@@ -89,7 +88,6 @@ class _Watched:
         if self.gpu_ids:
             sample.gpus = gpu_usage.devices(self.gpu_ids)
         self.previous, self.last = self.last, sample
-        self.first = self.first or sample
         self.peak_rss = max(self.peak_rss, sample.rss)
         for gpu in sample.gpus:
             index = gpu["index"]
@@ -97,13 +95,10 @@ class _Watched:
         self.samples += 1
         _append(self.dir / SAMPLES, sample.line())
 
-    def summary(self, ended_at: float | None) -> dict[str, Any]:
-        if ended_at is None:
-            return summarise(None, self.previous, self.last, self.samples, self.peak_rss,
-                             self.peak_gpu, None, None)
-        return summarise(_started_at(self.dir, self.first), self.previous, self.last,
-                         self.samples, self.peak_rss, self.peak_gpu, read_times(self.dir),
-                         ended_at)
+    def summary(self) -> dict[str, Any]:
+        """While it runs (an ended attempt's is made from its files and the store)."""
+        return summarise(None, self.previous, self.last, self.samples, self.peak_rss,
+                         self.peak_gpu, None, None)
 
 
 class UsageSampler:
@@ -132,7 +127,7 @@ class UsageSampler:
     def live(self, attempt_dir: Path) -> dict[str, Any] | None:
         """The usage of a running attempt, as its last samples say; None if not watched."""
         watched = self._watched.get(attempt_dir)
-        return None if watched is None else watched.summary(None)
+        return None if watched is None else watched.summary()
 
     def sample_all(self) -> float:
         """One pass; how long it took (seconds)."""
@@ -256,13 +251,6 @@ def _gpu_peaks(samples: list[Sample]) -> dict[int, int]:
         for gpu in sample.gpus:
             peaks[gpu["index"]] = max(peaks.get(gpu["index"], 0), gpu["memory_bytes"])
     return peaks
-
-
-def _started_at(attempt_dir: Path, first: Sample | None) -> float | None:
-    """When the attempt's command started: when its wrapper did; else (a Ray node samples
-    at once) its first sample, if any."""
-    started = wrapper_started(attempt_dir)
-    return started if started is not None or first is None else first.t
 
 
 def _ended_at(attempt_dir: Path) -> float | None:

@@ -237,8 +237,10 @@ class SqliteStore:
         self._migrate()
         self.db.text_factory = clean.text_of
         self._depth = 0
-        self._last_env: tuple[str | None, dict[str, str]] = (None, {})  # env_of's last read
-        self._last_env_in: tuple[dict[str, str] | None, str] = (None, "")  # insert's last
+        # the last environment read (its text, decoded) and written (encoded): a submitter's
+        # tasks share theirs, so a flood decodes and encodes it once
+        self._env_read: tuple[str | None, dict[str, str]] = (None, {})
+        self._env_written: tuple[dict[str, str] | None, str] = (None, "")
         self._repair()
 
     def _repair(self) -> None:
@@ -314,9 +316,9 @@ class SqliteStore:
 
     def _env_text(self, env: dict[str, str]) -> str:
         """The env column: tasks of one submitter share it, so it is encoded once for them."""
-        if env != self._last_env_in[0]:
-            self._last_env_in = (dict(env), json.dumps(env))
-        return self._last_env_in[1]
+        if env != self._env_written[0]:
+            self._env_written = (dict(env), json.dumps(env))
+        return self._env_written[1]
 
     def insert_shards(self, template: Task, count: int) -> None:
         """`count` shards of one parent, each `template` with its own shard_id and name, in
@@ -428,9 +430,9 @@ class SqliteStore:
             return {}
         own, shard_id, parents = row
         text = parents if shard_id is not None and parents else own
-        if text != self._last_env[0]:  # tasks of one submitter share it: read it once
-            self._last_env = (text, clean.str_dict(text))
-        return dict(self._last_env[1])
+        if text != self._env_read[0]:  # tasks of one submitter share it: read it once
+            self._env_read = (text, clean.str_dict(text))
+        return dict(self._env_read[1])
 
     def get_many(self, ids: Iterable[int]) -> list[Task]:
         ids = list(ids)
