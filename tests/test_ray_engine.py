@@ -144,11 +144,15 @@ def test_a_blocked_attempt_lends_its_cpus(ray: Harness, tmp_path: Path) -> None:
 
 def test_a_node_that_stops_answering_loses_its_attempt(ray: Harness, tmp_path: Path) -> None:
     # A stopped Ray worker stands for a node gone without a word: its connections stay open,
-    # so Ray's own health checks would take about a minute.
+    # so Ray's own health checks would take about a minute. The bridge asks all running
+    # attempts in one round: the other one, whose worker answers, runs on.
     harness = ray.with_options(node_timeout=2)
-    launch = harness.launch(tmp_path, ["sh", "-c", "echo $PPID $$; sleep 1000"])
+    launch = harness.launch(tmp_path / "silent", ["sh", "-c", "echo $PPID $$; sleep 1000"])
+    other = harness.launch(tmp_path / "answering", ["sh", "-c", "echo up; sleep 1000"])
     harness.start(launch)
+    harness.start(other)
     harness.wait_output(launch, "\n")
+    harness.wait_output(other, "up\n")
     worker, command = (int(p) for p in launch.stdout_path.read_text().split())
     os.kill(worker, signal.SIGSTOP)
     try:
@@ -158,6 +162,10 @@ def test_a_node_that_stops_answering_loses_its_attempt(ray: Harness, tmp_path: P
         assert "stopped answering for 2 s" in launch.stderr_path.read_text()
         harness.wait(lambda: not alive(worker) and not alive(command), 30,
                      "the silent worker and its command killed")
+        time.sleep(3)  # past another node timeout: the answering one is not lost
+        assert (other.task_id, 1) not in harness.events.ended
+        harness.run(harness.engine.cancel(harness.events.started[(other.task_id, 1)], 0))
+        assert harness.wait_exit(other, 30).reason is not Reason.LOST
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker, signal.SIGCONT)

@@ -19,10 +19,14 @@ the attempt again), when the command starts, and when it ends. A watchdog fails 
 attempt when the head stops answering.
 
 Short commands come by the hundred per second, and on this path every system call and every
-hop between threads shows: the starts of a scheduling pass come in one write, events of one
-turn of the loop go out in one write, a submit happens on the loop (under a millisecond;
-only packing a directory to upload goes to a thread), `ray.json` is one descriptor written
-over in place, and a short attempt costs one Ray task and no connection.
+hop between threads shows: the starts of a scheduling pass come in one write; a submit
+happens on the loop (under a millisecond; only packing a directory to upload goes to a
+thread) and its return value comes back by a callback, the returns that came together waking
+the loop once; events of one turn of the loop go out in one write, and word that an attempt
+runs waits a few milliseconds for its exit, so that the server writes both in one
+transaction; one watcher pings the nodes of all running attempts; `ray.json` is one
+descriptor written over in place; a short attempt costs one Ray task and no connection, and
+no asyncio task of its own.
 
 When the server stops or dies, the bridge sees the end of its stdin: it cancels what Ray has
 not started yet and lets the running attempts finish, still writing their logs and
@@ -32,7 +36,10 @@ not started yet and lets the running attempts finish, still writing their logs a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
+import hmac
 import importlib
 import io
 import json
@@ -43,7 +50,9 @@ import signal
 import struct
 import sys
 import tarfile
+import threading
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -60,6 +69,7 @@ _UPLOAD_SKIP = frozenset({".git", "__pycache__"})
 _PING_S = 5.0  # how often a running attempt's node is asked whether it is still there
 _HEADER_SIZE = struct.calcsize(ray_node.FRAME_HEADER)
 _CHANNEL_END_S = 10.0  # how long the rest of a streamed record may take after the exit
+_HOLD_EVENTS_S = 0.003  # how long word that an attempt runs may wait for other events
 
 log = logging.getLogger("velda.engines.ray_bridge")
 
@@ -69,11 +79,13 @@ class _Run:
     state_path: str
     log_paths: dict[str, str]  # by stream
     state: dict[str, Any]
+    token: str  # what its node shows when it connects
     ref: Any = None  # the Ray task's ObjectRef, once submitted
-    token: str = field(default_factory=lambda: secrets.token_hex(16))  # its node connects with
+    done: bool = False  # its exit is known
     channel: asyncio.Task[None] | None = None  # reading what its node streams, if it does
     channel_end: asyncio.Future[None] | None = None  # done once all it streamed is written
     control: Control | None = None  # once running
+    answered: float = 0.0  # when its control port last answered (by the loop's clock)
     cancel_grace: float | None = None
     lending: bool = False  # its command waits in a vrun: its CPUs go to the children
     orphaned: bool = False  # cancelled because the server went away before it started
@@ -189,6 +201,10 @@ class Bridge:
         self.node_timeout_s = node_timeout_s
         self.runs: dict[str, _Run] = {}
         self.pending: list[bytes] = []  # event lines not written yet
+        self.flush: asyncio.Handle | None = None  # when they will be
+        self.returns: list[tuple[_Run, concurrent.futures.Future[Any]]] = []  # from Ray threads
+        self.returns_lock = threading.Lock()
+        self.secret = os.urandom(32)  # the attempts' tokens are made with it
         self.tasks: set[asyncio.Task[None]] = set()
         self.orphaned = False  # the server went away
         self.me = {"pid": os.getpid(), "start": start_time(os.getpid())}
@@ -199,6 +215,7 @@ class Bridge:
         self.back: list[Any] = []  # [host, TCP port, UDP port] where nodes send records
 
     async def serve(self) -> int:
+        self.loop = asyncio.get_running_loop()
         host = self.ray.util.get_node_ip_address()
         listener = await asyncio.start_server(self._channel, host, 0, limit=_LINE_LIMIT)
         announcements, _ = await asyncio.get_running_loop().create_datagram_endpoint(
@@ -207,10 +224,12 @@ class Bridge:
                      announcements.get_extra_info("sockname")[1]]
         commands = asyncio.create_task(self._read_commands())
         watchdog = asyncio.create_task(self._watch_head())
+        nodes = asyncio.create_task(self._watch_nodes())
         _emit(self.events, {"ev": "ready"})
         await asyncio.wait({commands, watchdog}, return_when=asyncio.FIRST_COMPLETED)
         if not watchdog.done():
             await self._drain(watchdog)  # the server went away
+        nodes.cancel()
         if watchdog.done():
             await self._abandon(watchdog.result())
             return 1
@@ -222,15 +241,14 @@ class Bridge:
         loop = asyncio.get_running_loop()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
         while line := await reader.readline():
-            task = asyncio.create_task(self._command(json.loads(line)))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            command = json.loads(line)
+            if command["op"] == "start":
+                self._start(command)
+            else:
+                self._background(self._command(command))
 
     async def _command(self, command: dict[str, Any]) -> None:
         op = command["op"]
-        if op == "start":
-            await self._run(command)
-            return
         run = self.runs.get(command["key"])
         if run is None:
             return
@@ -286,87 +304,157 @@ class Bridge:
 
     # --- one attempt
 
-    async def _run(self, command: dict[str, Any]) -> None:
+    def _start(self, command: dict[str, Any]) -> None:
+        """Submits the attempt. Its task's return value comes back through `_returned`; a
+        directory to upload is packed in a thread first."""
         key = command["key"]
         logs = {"stdout": command["stdout"], "stderr": command["stderr"]}
-        run = _Run(key, command["state"], logs, {"bridge": self.me})
+        run = _Run(key, command["state"], logs, {"bridge": self.me}, token=self._token(key))
         self.runs[key] = run
+        run.save()  # before the loop turns: a next server must see that this bridge has it
+        if command["upload"]:
+            self._background(self._submit_uploaded(run, command))
+            return
         try:
-            result = await self._follow(run, self._submit_soon(run, command))
-            run.state["exit"] = result
-            run.save()
-        finally:
-            del self.runs[key]
-            if run.channel is not None:  # a node that stopped answering mid-stream
-                run.channel.cancel()
-            run.close_files()
-        self._event({"ev": "exited", "key": key, "exit": result})
+            self._submitted(run, self._submit(run, command))
+        except Exception as e:
+            self._finish(run, self._failure(run, e))
 
-    def _event(self, event: dict[str, Any]) -> None:
-        """Events of one turn of the loop go out in one write."""
-        if not self.pending:
-            asyncio.get_running_loop().call_soon(self._flush_events)
+    def _token(self, key: str) -> str:
+        """What the attempt's node shows to stream its record: not guessable without this
+        bridge's secret, and cheaper than fresh random bytes for each attempt."""
+        return hmac.digest(self.secret, key.encode(), "sha256")[:16].hex()
+
+    async def _submit_uploaded(self, run: _Run, command: dict[str, Any]) -> None:
+        try:
+            ref = await asyncio.to_thread(self._submit, run, command)
+        except Exception as e:
+            self._finish(run, self._failure(run, e))
+            return
+        self._submitted(run, ref)
+        if run.cancel_grace is not None:  # cancelled while packing
+            await self._cancel(run, run.cancel_grace)
+
+    def _submitted(self, run: _Run, ref: Any) -> None:
+        run.ref = ref
+        ref.future().add_done_callback(functools.partial(self._returned, run))
+
+    def _returned(self, run: _Run, future: concurrent.futures.Future[Any]) -> None:
+        """In a Ray thread: the attempt's task returned. Returns that come together wake
+        the loop once."""
+        with self.returns_lock:
+            self.returns.append((run, future))
+            if len(self.returns) > 1:
+                return
+        self.loop.call_soon_threadsafe(self._take_returns)
+
+    def _take_returns(self) -> None:
+        with self.returns_lock:
+            returns, self.returns = self.returns, []
+        for run, future in returns:
+            if not run.done:
+                self._take_return(run, future)
+
+    def _take_return(self, run: _Run, future: concurrent.futures.Future[Any]) -> None:
+        """The attempt's exit from its task's return value; what its node streamed is all
+        written first, if it streamed."""
+        try:
+            result = future.result()
+        except Exception as e:
+            exit = functools.partial(self._failure, run, e)
+            streamed = run.channel is not None  # what it sent before it failed
+        else:
+            exit = functools.partial(self._record, run, result)
+            streamed = result["streamed"]
+        if streamed:
+            self._background(self._finish_streamed(run, exit))
+        else:
+            self._finish(run, exit())
+
+    async def _finish_streamed(self, run: _Run, exit: Callable[[], dict[str, Any]]) -> None:
+        """Once what the node streamed is all written: its connection closes before its task
+        returns, but may be accepted and read here after the return value came."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(run.streamed()), _CHANNEL_END_S)
+        self._finish(run, exit())
+
+    def _record(self, run: _Run, result: dict[str, Any]) -> dict[str, Any]:
+        """What came back with the return value, written; the exit status."""
+        for kind, payload in result["items"]:
+            self._chunk(run, kind, payload)
+        exit: dict[str, Any] = result["exit"]
+        return exit
+
+    def _finish(self, run: _Run, exit: dict[str, Any]) -> None:
+        """The attempt ended (said once): its exit to ray.json, then to the server."""
+        if run.done:
+            return
+        run.done = True
+        run.state["exit"] = exit
+        run.save()
+        del self.runs[run.key]
+        if run.channel is not None:  # a node that stopped answering mid-stream
+            run.channel.cancel()
+        run.close_files()
+        self._event({"ev": "exited", "key": run.key, "exit": exit})
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _event(self, event: dict[str, Any], hold: bool = False) -> None:
+        """Events of one turn of the loop go out in one write. A `hold` event (an attempt
+        runs) may wait _HOLD_EVENTS_S for company: a short attempt's exit then goes with
+        it, and the server writes both in one transaction. The start time it carries is
+        the node's, so the wait does not show in it."""
         self.pending.append(json.dumps(event).encode() + b"\n")
+        if self.flush is None:
+            self.flush = (self.loop.call_later(_HOLD_EVENTS_S, self._flush_events) if hold
+                          else self.loop.call_soon(self._flush_events))
+        elif not hold and isinstance(self.flush, asyncio.TimerHandle):
+            self.flush.cancel()
+            self.flush = self.loop.call_soon(self._flush_events)
 
     def _flush_events(self) -> None:
+        if self.flush is not None:
+            self.flush.cancel()
+            self.flush = None
         lines, self.pending = self.pending, []
         with contextlib.suppress(OSError):  # the server may be gone; ray.json still tells
             self.events.write(b"".join(lines))
             self.events.flush()
 
-    async def _follow(self, run: _Run, submitted: asyncio.Future[Any]) -> dict[str, Any]:
-        """The attempt's exit, once its task returns or its node stops answering."""
-        stream = asyncio.ensure_future(self._stream(run, submitted))
-        silent = asyncio.ensure_future(self._watch_node(run))
-        await asyncio.wait({stream, silent}, return_when=asyncio.FIRST_COMPLETED)
-        silent.cancel()
-        if stream.done():
-            return stream.result()
-        stream.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await stream
-        with contextlib.suppress(Exception):  # the node may be gone with the worker
-            await asyncio.to_thread(self.ray.cancel, run.ref, force=True)
-        node = run.state["node"]["node_ip"]
-        return self._note(run, f"node {node} stopped answering for {self.node_timeout_s:g} s; "
-                          "the attempt is lost", Reason.LOST)
-
-    async def _watch_node(self, run: _Run) -> None:
-        """Returns once the attempt's control port has not answered for node_timeout_s. Ray
+    async def _watch_nodes(self) -> None:
+        """Fails an attempt whose control port has not answered for node_timeout_s. Ray
         notices a dead worker or raylet at once, but a node that vanished without closing
-        its connections only after its health checks fail (5 x (10 s + 3 s) by default)."""
-        loop = asyncio.get_running_loop()
+        its connections only after its health checks fail (5 x (10 s + 3 s) by default).
+        One watcher asks all running attempts in turn: a task for each would cost a short
+        attempt more than its run."""
         every = min(_PING_S, self.node_timeout_s / 3)
-        answered = loop.time()
         while True:
             await asyncio.sleep(every)
-            if run.control is None or await control_request(run.control, {"op": "ping"}):
-                answered = loop.time()
-            elif loop.time() - answered >= self.node_timeout_s:
-                return
+            asked = [(run, run.control) for run in self.runs.values() if run.control]
+            answers = await asyncio.gather(
+                *(control_request(control, {"op": "ping"}) for _, control in asked))
+            now = self.loop.time()
+            silent = []
+            for (run, _), answered in zip(asked, answers, strict=True):
+                if answered:
+                    run.answered = now
+                elif now - run.answered >= self.node_timeout_s:
+                    silent.append(run)
+            await asyncio.gather(*(self._lose(run) for run in silent))
 
-    async def _stream(self, run: _Run, submitted: asyncio.Future[Any]) -> dict[str, Any]:
-        try:
-            run.ref = await submitted
-            if run.cancel_grace is not None:  # cancelled while submitting
-                await self._cancel(run, run.cancel_grace)
-            result = await run.ref
-        except Exception as e:
-            if run.channel is not None:  # what it sent before it failed
-                await self._channel_end(run)
-            return self._failure(run, e)
-        if result["streamed"]:
-            await self._channel_end(run)
-        for kind, payload in result["items"]:
-            await self._chunk(run, kind, payload)
-        exit: dict[str, Any] = result["exit"]
-        return exit
-
-    async def _channel_end(self, run: _Run) -> None:
-        """Once what the node streamed is all written: its connection closes before its task
-        returns, but may be accepted and read here after the return value came."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(run.streamed()), _CHANNEL_END_S)
+    async def _lose(self, run: _Run) -> None:
+        with contextlib.suppress(Exception):  # the node may be gone with the worker
+            await asyncio.to_thread(self.ray.cancel, run.ref, force=True)
+        if run.done:  # it returned meanwhile
+            return
+        node = run.state["node"]["node_ip"]
+        self._finish(run, self._note(run, f"node {node} stopped answering for "
+                                     f"{self.node_timeout_s:g} s; the attempt is lost",
+                                     Reason.LOST))
 
     async def _channel(self, reader: asyncio.StreamReader,
                        writer: asyncio.StreamWriter) -> None:
@@ -381,37 +469,22 @@ class Bridge:
             except (OSError, ValueError, KeyError, TypeError):
                 return
             run.channel = asyncio.current_task()
-            try:
-                with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            try:  # cancelled: the attempt ended without the rest (its node went silent)
+                with contextlib.suppress(OSError, asyncio.IncompleteReadError,
+                                         asyncio.CancelledError):
                     while frame := await _read_frame(reader):
-                        await self._frame(run, *frame)
+                        self._frame(run, *frame)
             finally:
                 if not run.streamed().done():
                     run.streamed().set_result(None)
 
-    async def _frame(self, run: _Run, kind: str, payload: bytes) -> None:
+    def _frame(self, run: _Run, kind: str, payload: bytes) -> None:
         if kind == "start":
-            await self._chunk(run, kind, json.loads(payload))
+            self._chunk(run, kind, json.loads(payload))
         elif kind == "usage":
-            await self._chunk(run, kind, payload.decode())
+            self._chunk(run, kind, payload.decode())
         else:
-            await self._chunk(run, kind, payload)
-
-    def _submit_soon(self, run: _Run, command: dict[str, Any]) -> asyncio.Future[Any]:
-        """The Ray task of the attempt. Submitting takes well under a millisecond
-        and happens here; packing a directory to upload can take seconds, in a thread.
-        ray.json is written before the loop turns: a next server must see that this bridge
-        has the attempt (and should this bridge die meanwhile, Ray kills its tasks)."""
-        if command["upload"]:
-            run.save()
-            return asyncio.ensure_future(asyncio.to_thread(self._submit, run, command))
-        submitted = asyncio.get_running_loop().create_future()
-        try:
-            submitted.set_result(self._submit(run, command))
-        except Exception as e:
-            submitted.set_exception(e)
-        run.save()
-        return submitted
+            self._chunk(run, kind, payload)
 
     def _submit(self, run: _Run, command: dict[str, Any]) -> Any:
         options = command["options"]
@@ -436,35 +509,35 @@ class Bridge:
         if run is not None and secrets.compare_digest(str(message["token"]), run.token):
             self._started(run, message["start"])
 
-    async def _chunk(self, run: _Run, kind: str, payload: Any) -> None:
+    def _chunk(self, run: _Run, kind: str, payload: Any) -> None:
         if kind in ("stdout", "stderr"):
             run.append(kind, payload)
         elif kind == "start":
-            await self._started(run, payload)
+            self._started(run, payload)
         elif kind == "usage":  # what it uses, where the server reads it
             run.sampled(payload)
 
-    def _started(self, run: _Run, start: dict[str, Any]) -> asyncio.Future[None]:
+    def _started(self, run: _Run, start: dict[str, Any]) -> None:
         """The attempt's command runs (said once: by a datagram, its record, or both)."""
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
         if run.control is not None:
-            return done
+            return
         host, port = start["control"]
         token = start.pop("token")
         run.control = (host, port, token)
+        run.answered = self.loop.time()
         run.state.update(node=start, control=[host, port], token=token)
         run.save()
-        self._event({"ev": "running", "key": run.key, "node": start})
-        if run.cancel_grace is None and not run.lending:
-            return done
-        # what was asked before it ran
-        action = (self._cancel(run, run.cancel_grace) if run.cancel_grace is not None
-                  else self._lend(run, True))
-        task = asyncio.ensure_future(action)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
+        self._event({"ev": "running", "key": run.key, "node": start}, hold=True)
+        if run.cancel_grace is not None or run.lending:
+            self._background(self._asked_before_start(run))
+
+    async def _asked_before_start(self, run: _Run) -> None:
+        if run.done:  # its whole record came with its exit
+            return
+        if run.cancel_grace is not None:
+            await self._cancel(run, run.cancel_grace)
+        else:
+            await self._lend(run, True)
 
     def _failure(self, run: _Run, e: Exception) -> dict[str, Any]:
         exceptions = self.ray.exceptions
@@ -502,7 +575,7 @@ class Bridge:
     async def _cancel(self, run: _Run, grace_s: float) -> None:
         run.cancel_grace = grace_s
         if run.ref is None:
-            return  # _follow cancels once submitted
+            return  # _submit_uploaded cancels once submitted
         if run.control is not None:
             if await control_request(run.control, {"op": "cancel", "grace_s": grace_s}):
                 return
