@@ -133,16 +133,16 @@ class LocalEngine:
         return await start_each(self, launches)
 
     async def start(self, launch: Launch) -> Handle:
-        if not os.path.isdir(launch.cwd):  # removed since the submit
-            raise EngineError(f"working directory {launch.cwd} does not exist")
         before = boot_ticks()
         pid = self._spawn_direct(launch) if self._direct(launch) else None
-        if pid is not None:
+        if pid is not None:  # so its working directory was there
             handle: Handle = {"pid": pid, "start": start_time_since(pid, before),
                               "dir": str(launch.attempt_dir)}
             self._watch(launch, pid, own_child=True, direct=True)
             self.events.running(launch.task_id, launch.attempt, handle)
             return handle
+        if not os.path.isdir(launch.cwd):  # removed since the submit
+            raise EngineError(f"working directory {launch.cwd} does not exist")
         argv = [_SH, "-c", WRAPPER, "velda-task", str(launch.attempt_dir), launch.cwd]
         argv, env = self._as_pool_user(launch, argv + launch.argv, _local_env(launch))
         if launch.terminal is None:
