@@ -67,6 +67,7 @@ _LINE_LIMIT = 64 * 1024 * 1024  # one start command carries the task's whole env
 _UPLOAD_LIMIT = 512 * 1024 * 1024  # Ray's own limit for a working_dir
 _UPLOAD_SKIP = frozenset({".git", "__pycache__"})
 _PING_S = 5.0  # how often a running attempt's node is asked whether it is still there
+_PINGS_AT_ONCE = 64  # connections open at once for that (thousands may run)
 _HEADER_SIZE = struct.calcsize(ray_node.FRAME_HEADER)
 _CHANNEL_END_S = 10.0  # how long the rest of a streamed record may take after the exit
 _HOLD_EVENTS_S = 0.003  # how long word that an attempt runs may wait for other events
@@ -432,11 +433,11 @@ class Bridge:
         One watcher asks all running attempts in turn: a task for each would cost a short
         attempt more than its run."""
         every = min(_PING_S, self.node_timeout_s / 3)
+        at_once = asyncio.Semaphore(_PINGS_AT_ONCE)
         while True:
             await asyncio.sleep(every)
             asked = [(run, run.control) for run in self.runs.values() if run.control]
-            answers = await asyncio.gather(
-                *(control_request(control, {"op": "ping"}) for _, control in asked))
+            answers = await asyncio.gather(*(_ping(control, at_once) for _, control in asked))
             now = self.loop.time()
             silent = []
             for (run, _), answered in zip(asked, answers, strict=True):
@@ -595,6 +596,11 @@ class _Announcements(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Any) -> None:
         with contextlib.suppress(ValueError, KeyError, TypeError):
             self.bridge.announced(json.loads(data))
+
+
+async def _ping(control: Control, at_once: asyncio.Semaphore) -> bool:
+    async with at_once:
+        return await control_request(control, {"op": "ping"})
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> tuple[str, bytes] | None:
