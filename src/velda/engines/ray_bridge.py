@@ -202,7 +202,7 @@ class Bridge:
         self.node_timeout_s = node_timeout_s
         self.runs: dict[str, _Run] = {}
         self.pending: list[bytes] = []  # event lines not written yet
-        self.flush: asyncio.Handle | None = None  # when they will be
+        self.flushing: asyncio.Handle | None = None  # their write, once it is planned
         self.returns: list[tuple[_Run, concurrent.futures.Future[Any]]] = []  # from Ray threads
         self.returns_lock = threading.Lock()
         self.secret = os.urandom(32)  # the attempts' tokens are made with it
@@ -410,17 +410,17 @@ class Bridge:
         it, and the server writes both in one transaction. The start time it carries is
         the node's, so the wait does not show in it."""
         self.pending.append(json.dumps(event).encode() + b"\n")
-        if self.flush is None:
-            self.flush = (self.loop.call_later(_HOLD_EVENTS_S, self._flush_events) if hold
-                          else self.loop.call_soon(self._flush_events))
-        elif not hold and isinstance(self.flush, asyncio.TimerHandle):
-            self.flush.cancel()
-            self.flush = self.loop.call_soon(self._flush_events)
+        if self.flushing is None:
+            self.flushing = (self.loop.call_later(_HOLD_EVENTS_S, self._flush_events) if hold
+                             else self.loop.call_soon(self._flush_events))
+        elif not hold and isinstance(self.flushing, asyncio.TimerHandle):
+            self.flushing.cancel()
+            self.flushing = self.loop.call_soon(self._flush_events)
 
     def _flush_events(self) -> None:
-        if self.flush is not None:
-            self.flush.cancel()
-            self.flush = None
+        if self.flushing is not None:
+            self.flushing.cancel()
+            self.flushing = None
         lines, self.pending = self.pending, []
         with contextlib.suppress(OSError):  # the server may be gone; ray.json still tells
             self.events.write(b"".join(lines))
@@ -430,8 +430,8 @@ class Bridge:
         """Fails an attempt whose control port has not answered for node_timeout_s. Ray
         notices a dead worker or raylet at once, but a node that vanished without closing
         its connections only after its health checks fail (5 x (10 s + 3 s) by default).
-        One watcher asks all running attempts in turn: a task for each would cost a short
-        attempt more than its run."""
+        One watcher asks after all running attempts, _PINGS_AT_ONCE at a time: a task for
+        each would cost a short attempt more than its run."""
         every = min(_PING_S, self.node_timeout_s / 3)
         at_once = asyncio.Semaphore(_PINGS_AT_ONCE)
         while True:
