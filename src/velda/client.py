@@ -58,6 +58,7 @@ class Client:
         self.url = given or self._local_url(start)
         self.token = token or os.environ.get("VELDA_TOKEN") or self._local_token()
         self._host, self._port = split_url(self.url)
+        self._link = wire.Link()  # whole-answer calls keep their connection for the next
 
     # --- finding or starting the local server
 
@@ -140,21 +141,19 @@ class Client:
         """Status and whole body; asked again while the server cannot be reached, answers
         502/503, or cuts its answer short (see docs/architecture.md on retries)."""
         retry = _Retry(self)
+        sent_headers, payload = self._parts(body, headers)
         while True:
             try:
-                response = self._send_once(method, path, body, headers, 60)
-                try:
-                    data = _read_all(response)
-                finally:
-                    response.close()
+                status, data = self._link.exchange(self._host, self._port, method, path,
+                                                   sent_headers, payload, 60)
             except OSError as e:
                 retry.wait(e)
                 continue
-            if response.status == 401 and self._moved():
+            if status == 401 and self._moved():
                 continue  # another program took the old port: ours announced a new one
-            if response.status not in _RETRY_STATUSES:
-                return response.status, data
-            retry.wait(OSError(f"HTTP {response.status}"))
+            if status not in _RETRY_STATUSES:
+                return status, data
+            retry.wait(OSError(f"HTTP {status}"))
 
     def _send(
         self, method: str, path: str, body: Any = None, timeout: float | None = 60
@@ -179,12 +178,18 @@ class Client:
         self, method: str, path: str, body: Any, extra: dict[str, str] | None,
         timeout: float | None,
     ) -> wire.Response:
-        headers = {"Authorization": f"Bearer {self.token}", **(extra or {})}
-        payload = None
-        if body is not None:
-            payload = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
+        headers, payload = self._parts(body, extra)
         return wire.request(self._host, self._port, method, path, headers, payload, timeout)
+
+    def _parts(
+        self, body: Any, extra: dict[str, str] | None
+    ) -> tuple[dict[str, str], bytes | None]:
+        """A request's headers and body."""
+        headers = {"Authorization": f"Bearer {self.token}", **(extra or {})}
+        if body is None:
+            return headers, None
+        headers["Content-Type"] = "application/json"
+        return headers, json.dumps(body).encode()
 
     def call(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
@@ -401,14 +406,6 @@ def retry_seconds() -> float:
 def _new_key() -> dict[str, str]:
     """A fresh idempotency key: one per logical call, the same on each of its tries."""
     return {"Idempotency-Key": os.urandom(16).hex()}
-
-
-def _read_all(response: wire.Response) -> bytes:
-    data = response.read()
-    length = response.headers.get("content-length", "")
-    if length.isdigit() and len(data) < int(length):
-        raise OSError("the server's answer was cut short")
-    return data
 
 
 def _loopback(url: str) -> bool:

@@ -1,12 +1,16 @@
-"""A minimal HTTP/1.0 client over a socket, for the command-line tools.
+"""A minimal HTTP client over a socket, for the command-line tools and `velda.Client`.
 
 `http.client` pulls in the `email` package and costs more than the whole start-up budget of
-`vbatch`; this needs only `socket`. HTTP/1.0 keeps it simple: one request per connection, and a
-streamed body simply runs until the server closes it.
+`vbatch`; this needs only `socket`. A stream (`request`) is HTTP/1.0, one request per
+connection: its body simply runs until the server closes it. A call whose whole answer is
+read at once (`Link.exchange`) keeps its connection for the next call (HTTP/1.1 keep-alive):
+a program that makes many calls in a row, a loop of `submit`s say, pays the TCP handshake and
+the server's set-up of a connection once, not for each call.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 
 TYPE_CHECKING = False
@@ -19,6 +23,8 @@ class Response:
         self._sock = sock
         self.body: BinaryIO = sock.makefile("rb")
         status_line = self.body.readline()
+        if not status_line:
+            raise ConnectionAbortedError("the server closed the connection without an answer")
         parts = status_line.split(None, 2)
         if len(parts) < 2 or not parts[1].isdigit():
             raise OSError(f"not an HTTP response: {status_line[:80]!r}")
@@ -34,6 +40,24 @@ class Response:
         self._chunked = self.headers.get("transfer-encoding", "").lower() == "chunked"
         self._left = 0  # bytes left in the current chunk
         self._done = False
+
+    def whole(self) -> bytes:
+        """The whole body, as long as the headers say (OSError if it is cut short)."""
+        length = self.headers.get("content-length", "")
+        if self.status in (204, 304):
+            return b""
+        if self._chunked or not length.isdigit():
+            return self.read()
+        data = self.body.read(int(length))
+        if len(data) < int(length):
+            raise OSError("the server's answer was cut short")
+        return data
+
+    def reusable(self) -> bool:
+        """May the connection carry another request, once the whole body is read?"""
+        delimited = (self._chunked or self.status in (204, 304)
+                     or self.headers.get("content-length", "").isdigit())
+        return delimited and self.headers.get("connection", "").lower() != "close"
 
     def read(self, size: int = -1) -> bytes:
         if not self._chunked:
@@ -79,6 +103,8 @@ class Response:
             self._started_chunk = True
             if self._left == 0:
                 self._done = True
+                while self.body.readline() not in (b"\r\n", b"\n", b""):
+                    pass  # trailer fields, then the line that ends the body
         return not self._done
 
     _started_chunk = False
@@ -92,17 +118,88 @@ def request(
     host: str, port: int, method: str, path: str, headers: dict[str, str],
     body: bytes | None = None, timeout: float | None = 60.0,
 ) -> Response:
-    # a bytes host skips the idna codec, whose import is a cost of every vbatch
-    address = (host.encode("ascii"), port)
-    sock = socket.create_connection(address, timeout=10 if timeout is None else timeout)  # type: ignore[arg-type]
+    """One request on a connection of its own, closed with the response (a stream's)."""
+    sock = _connect(host, port, timeout)
     try:
-        name = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets
-        head = [f"{method} {path} HTTP/1.0", f"Host: {name}:{port}"]
-        head += [f"{k}: {v}" for k, v in headers.items()]
-        if body is not None:
-            head.append(f"Content-Length: {len(body)}")
-        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b""))
+        sock.sendall(_head(host, port, method, path, headers, body, "HTTP/1.0"))
         return Response(sock, timeout)
     except BaseException:
         sock.close()
         raise
+
+
+class Link:
+    """A connection kept from one whole-answer call to the next. It is not shared: a call
+    takes it while it runs (another thread's call meanwhile opens one of its own), and a
+    forked child leaves its parent's alone."""
+
+    def __init__(self) -> None:
+        self._kept: tuple[socket.socket, str, int, int] | None = None  # sock, host, port, pid
+
+    def exchange(
+        self, host: str, port: int, method: str, path: str, headers: dict[str, str],
+        body: bytes | None, timeout: float | None,
+    ) -> tuple[int, bytes]:
+        """Status and whole body. A kept connection the server closed while it was idle
+        (its keep-alive timeout, a restart) fails before any answer: the request goes again
+        on a new connection, as the server never read it."""
+        data = _head(host, port, method, path, headers, body, "HTTP/1.1")
+        sock = self._take(host, port)
+        if sock is not None:
+            try:
+                return self._over(sock, host, port, data, timeout)
+            except _Closed:
+                pass
+        return self._over(_connect(host, port, timeout), host, port, data, timeout, fresh=True)
+
+    def _take(self, host: str, port: int) -> socket.socket | None:
+        kept, self._kept = self._kept, None  # one statement: no other thread gets it too
+        if kept is None or kept[3] != os.getpid():
+            return None  # a forked child's copy stays its parent's
+        sock, kept_host, kept_port, _ = kept
+        if (kept_host, kept_port) != (host, port):  # the server moved
+            sock.close()
+            return None
+        return sock
+
+    def _over(self, sock: socket.socket, host: str, port: int, data: bytes,
+              timeout: float | None, fresh: bool = False) -> tuple[int, bytes]:
+        keep = False
+        try:
+            try:
+                sock.settimeout(timeout)
+                sock.sendall(data)
+                response = Response(sock, timeout)
+            except ConnectionError as e:  # closed before a status line came (not a timeout)
+                if fresh:
+                    raise
+                raise _Closed from e
+            body = response.whole()
+            keep = response.reusable()
+            response.body.close()
+            return response.status, body
+        finally:
+            if keep and self._kept is None:
+                self._kept = (sock, host, port, os.getpid())
+            else:
+                sock.close()
+
+
+class _Closed(Exception):
+    """A kept connection turned out closed: the request got no answer on it."""
+
+
+def _connect(host: str, port: int, timeout: float | None) -> socket.socket:
+    # a bytes host skips the idna codec, whose import is a cost of every vbatch
+    address = (host.encode("ascii"), port)
+    return socket.create_connection(address, timeout=10 if timeout is None else timeout)  # type: ignore[arg-type]
+
+
+def _head(host: str, port: int, method: str, path: str, headers: dict[str, str],
+          body: bytes | None, version: str) -> bytes:
+    name = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets
+    head = [f"{method} {path} {version}", f"Host: {name}:{port}"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    if body is not None:
+        head.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
