@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,6 +67,21 @@ def test_tasks_a_killed_server_left_are_recorded_by_its_reaper(velda: Velda) -> 
         assert time.monotonic() < deadline, "the reaper outlived what it watched"
         time.sleep(0.05)
     assert [velda.wait(task_id)["exit_code"] for task_id in ids] == [3, 4]  # a new server
+
+
+def test_a_reaper_whose_tasks_folders_were_removed_still_ends(velda: Velda) -> None:
+    marker = velda.cwd / "go"
+    task_id = velda.vbatch("sh", "-c", f"while [ ! -e {marker} ]; do sleep 0.05; done")
+    pid = velda.task_pid(task_id)
+    reaper = _reaper_of(velda)
+    velda.kill_server()
+    shutil.rmtree(velda.home / "logs" / f"{task_id}.1")  # as when the home is removed
+    marker.touch()
+    deadline = time.monotonic() + 10
+    while alive(reaper):  # nothing left that anyone could read: it reaps and exits
+        assert time.monotonic() < deadline, "the reaper kept a task no server will read"
+        time.sleep(0.05)
+    assert not alive(pid)
 
 
 def test_when_the_reaper_dies_tasks_still_run_and_end_through_the_wrapper(

@@ -25,6 +25,7 @@ with the server's exit status.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import logging
 import os
@@ -140,12 +141,16 @@ class Ending:
 
 def settle(ending: Ending) -> bool:
     """Its status file written, then the child reaped. False, and nothing reaped, where the
-    file cannot be written yet (a full disk): the zombie keeps its end until it can."""
+    file cannot be written yet (a full disk): the zombie keeps its end until it can. Where
+    its attempt's folder is gone (the server's home was removed), no server will ever read
+    the file: it is reaped all the same, lest the reaper outlive everything for it."""
     try:
         write_status(ending.attempt_dir, ending.status, ending.exit.cpu or (0.0, 0.0))
     except OSError as e:
-        log.warning("cannot write the status of %s yet: %s", ending.attempt_dir, e)
-        return False
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            log.warning("cannot write the status of %s yet: %s", ending.attempt_dir, e)
+            return False
+        log.warning("%s is gone: the end of its task is not written down", ending.attempt_dir)
     os.waitpid(ending.pid, 0)
     return True
 
