@@ -161,7 +161,7 @@ def velda_row(client: Any, pool: str, sizes: Sizes, work: Path) -> Row:
     request = {"command": ["true"], "pool": pool, "cwd": str(work),
                "env": {"PATH": os.environ["PATH"]}}
     client.submit(**request)  # warm-up: the Ray pool's driver and a worker start here
-    starts, dones = [], []
+    ids, dones = [], []
     for _ in range(sizes.one_by_one):
         submitted = time.monotonic()
         task = client.submit(**request)
@@ -169,7 +169,8 @@ def velda_row(client: Any, pool: str, sizes: Sizes, work: Path) -> Row:
             time.sleep(POLL_S)
             task = client.get(task["id"])
         dones.append(time.monotonic() - submitted)
-        starts.append(stored_start(work, int(task["id"])))
+        ids.append(int(task["id"]))
+    starts = stored_starts(work, ids)
     began = time.monotonic()
     wait_all(client, [client.submit(**request)["id"] for _ in range(sizes.flood)])
     return Row(f"velda, pool `{pool}`", statistics.median(starts), statistics.median(dones),
@@ -239,16 +240,17 @@ def spent_per_task(before: dict[str, float], after: dict[str, float], n: int) ->
     return {part: max(0.0, after[part] - before[part]) / n for part in PARTS}
 
 
-def stored_start(work: Path, task_id: int) -> float:
-    """`started_at - created_at` as the store keeps them (the API shows milliseconds: a
-    median of those would be a whole number of them)."""
+def stored_starts(work: Path, ids: list[int]) -> list[float]:
+    """`started_at - created_at` of each task as the store keeps them (the API shows
+    milliseconds: a median of those would be a whole number of them)."""
     db = sqlite3.connect(f"file:{work / 'home' / 'velda.db'}?mode=ro", uri=True)
     try:
-        created, started = db.execute(
-            "SELECT created_at, started_at FROM tasks WHERE id=?", (task_id,)).fetchone()
+        rows = db.execute(
+            f"SELECT started_at - created_at FROM tasks WHERE id IN ({','.join('?' * len(ids))})",
+            ids).fetchall()
     finally:
         db.close()
-    return float(started) - float(created)
+    return [float(row[0]) for row in rows]
 
 
 # ---------------------------------------------------------------- Ray's own APIs

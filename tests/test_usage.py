@@ -56,7 +56,6 @@ def test_a_task_started_without_the_wrapper_gets_exact_cpu_totals_from_the_store
     task = velda.wait(velda.vbatch(*hog(1, 0.4)))
     spun = float(velda.log(task["id"]).stdout)
     assert spun - 0.01 <= task["usage"]["cpu_s"] <= spun + 1, task["usage"]
-    # the server spawned it itself (no wrapper wrote a status file) and stored its exit
     assert not (velda.home / "logs" / f"{task['id']}.1" / "status").exists()
 
 

@@ -167,7 +167,6 @@ class Link:
         keep = False
         try:
             try:
-                sock.settimeout(timeout)
                 sock.sendall(data)
                 response = Response(sock, timeout)
             except ConnectionError as e:  # closed before a status line came (not a timeout)

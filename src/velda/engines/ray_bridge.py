@@ -45,7 +45,6 @@ import io
 import json
 import logging
 import os
-import secrets
 import signal
 import struct
 import sys
@@ -465,7 +464,7 @@ class Bridge:
             try:
                 hello = json.loads(await reader.readline())
                 run = self.runs.get(str(hello["key"]))
-                if run is None or not secrets.compare_digest(str(hello["token"]), run.token):
+                if run is None or not hmac.compare_digest(str(hello["token"]), run.token):
                     return
             except (OSError, ValueError, KeyError, TypeError):
                 return
@@ -507,7 +506,7 @@ class Bridge:
     def announced(self, message: dict[str, Any]) -> None:
         """A node's datagram: this attempt's command has started."""
         run = self.runs.get(str(message["key"]))
-        if run is not None and secrets.compare_digest(str(message["token"]), run.token):
+        if run is not None and hmac.compare_digest(str(message["token"]), run.token):
             self._started(run, message["start"])
 
     def _chunk(self, run: _Run, kind: str, payload: Any) -> None:

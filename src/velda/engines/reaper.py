@@ -131,13 +131,6 @@ class Ending:
     attempt_dir: Path
     exit: Exit  # exact, with its CPU totals (zombie.read_exit)
 
-    @property
-    def status(self) -> int:
-        """As a shell reports it: 128+N for signal N."""
-        if self.exit.signal is not None:
-            return 128 + self.exit.signal
-        return self.exit.exit_code or 0
-
 
 def settle(ending: Ending) -> bool:
     """Its status file written, then the child reaped. False, and nothing reaped, where the
@@ -145,7 +138,7 @@ def settle(ending: Ending) -> bool:
     its attempt's folder is gone (the server's home was removed), no server will ever read
     the file: it is reaped all the same, lest the reaper outlive everything for it."""
     try:
-        write_status(ending.attempt_dir, ending.status, ending.exit.cpu or (0.0, 0.0))
+        write_status(ending.attempt_dir, ending.exit)
     except OSError as e:
         if e.errno not in (errno.ENOENT, errno.ENOTDIR):
             log.warning("cannot write the status of %s yet: %s", ending.attempt_dir, e)

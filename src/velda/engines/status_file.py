@@ -66,17 +66,24 @@ exit $s
 # when even that failed.
 
 
-def write_status(attempt_dir: Path, code: int, cpu: tuple[float, float]) -> None:
+def write_status(attempt_dir: Path, exit: Exit) -> None:
     """What the wrapper writes, for a command started without it (its parent writes it for
     it): the CPU totals (user, system) of the command and of what it reaped, then its exit
     status as a shell reports it. OSError where it cannot be written."""
-    text = times_text(*cpu) + f"{code}\n"
+    text = times_text(*(exit.cpu or (0.0, 0.0))) + f"{status_of(exit)}\n"
     fd = os.open(attempt_dir / STATUS, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
                  0o600)
     try:
         os.write(fd, text.encode())
     finally:
         os.close(fd)
+
+
+def status_of(exit: Exit) -> int:
+    """An exit status as a shell reports it (128+N for signal N): exit_from_status's inverse."""
+    if exit.signal is not None:
+        return 128 + exit.signal
+    return exit.exit_code or 0
 
 
 def exit_from_status(code: int) -> Exit:

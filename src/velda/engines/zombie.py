@@ -11,6 +11,7 @@ and arm64) or the call fails, it is `os.waitid` and /proc.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from dataclasses import replace
 
@@ -46,8 +47,8 @@ def ended(pid: int) -> tuple[int, int, tuple[float, float]]:
         if _libc.syscall(_SYS_WAITID, os.P_PID, pid, info, flags, ctypes.byref(usage)) == 0:
             return info[_SI_CODE], info[_SI_STATUS], (_seconds(usage.utime),
                                                       _seconds(usage.stime))
-        if ctypes.get_errno() == 10:  # ECHILD
-            raise ChildProcessError(10, os.strerror(10))
+        if ctypes.get_errno() == errno.ECHILD:
+            raise ChildProcessError(errno.ECHILD, os.strerror(errno.ECHILD))
     result = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
     assert result is not None
     figures = tree_figures(pid)  # a zombie's /proc/PID/stat: its totals, no children left
