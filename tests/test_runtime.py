@@ -11,6 +11,7 @@ from velda.config import Config
 from velda.engines.base import EngineEvents, Handle, Launch, StartResult, start_each
 from velda.models import Exit, Pool, Resources, TaskStatus
 from velda.protocol import BadRequest, SubmitRequest
+from velda.server.bursts import SubmitBursts
 from velda.server.runtime import Runtime
 from velda.store.sqlite import SqliteStore
 
@@ -225,3 +226,41 @@ def test_a_report_that_cannot_be_written_leaves_the_others_written(
     _finish_in_one_tick(runtime, engine, ids)
     assert [status(runtime, i) for i in ids] == [S.SUCCESS, S.RUNNING, S.SUCCESS]
     assert f"('exit', '{ids[1]}', 1) could not be written" in caplog.text
+
+
+def _ticks(n: int = 5) -> None:
+    """Let the loop run what is due now (a pass asked for at once), nothing later."""
+    for _ in range(n):
+        asyncio.get_event_loop().run_until_complete(asyncio.sleep(0))
+
+
+def _started(engine: FakeEngine) -> list[int]:
+    return [int(launch.task_id) for launch in engine.started]
+
+
+def test_submits_one_after_another_start_at_once_and_a_burst_after_its_submits(
+    tmp_path: Path,
+) -> None:
+    runtime, engine = runtime_with(tmp_path, cpus=16)
+    clock = [100.0]
+    runtime.bursts = SubmitBursts(window=0.05, count=3, clock=lambda: clock[0])
+    paced = []
+    for _ in range(4):  # a client that waits a little between its submits
+        clock[0] += 0.03
+        paced.append(submit(runtime))
+        _ticks()
+        assert _started(engine) == paced
+
+    clock[0] += 1  # a pause, then five submits at once
+    burst = [submit(runtime) for _ in range(5)]
+    _ticks()
+    assert _started(engine)[4:] == burst[:2]  # too few yet to tell a burst: at once
+    assert {status(runtime, i) for i in burst[2:]} == {S.QUEUED}  # the others wait ...
+    asyncio.get_event_loop().run_until_complete(asyncio.sleep(0.1))
+    assert {status(runtime, i) for i in burst} == {S.RUNNING}  # ... for one pass, together
+    assert _started(engine)[6:] == burst[2:]
+
+    clock[0] += 1  # the burst is over: a submit starts at once again
+    after = submit(runtime)
+    _ticks()
+    assert _started(engine)[-1] == after

@@ -46,6 +46,7 @@ from velda.protocol import BadRequest, SubmitRequest, in_item
 from velda.scheduler import Capacity
 from velda.server import launches
 from velda.server.blocked import Blocked
+from velda.server.bursts import SubmitBursts
 from velda.server.config_watch import ConfigWatcher
 from velda.server.dispatch import HandOver, LocalDispatch, Taken
 from velda.server.group_commit import GroupCommit
@@ -105,6 +106,7 @@ class Runtime:
         self.handover = HandOver()
         self.timeouts = Timeouts(now, self._time_out)
         self._schedule_pending = False
+        self.bursts = SubmitBursts()  # a pass waits out a burst of submits
         self._jobs: set[asyncio.Task[None]] = set()
         self.cancel_grace_s = float(os.environ.get("VELDA_CANCEL_GRACE_S") or CANCEL_GRACE_S)
         self.deadlines: dict[int, asyncio.TimerHandle] = {}  # cancelled tasks' last moment
@@ -188,6 +190,7 @@ class Runtime:
         earlier = self._made_before(keys)
         if earlier is not None:
             return earlier, False
+        self.bursts.submitted()
         index = range(len(reqs)) if numbered else [None] * len(reqs)
         pools = [in_item(i, self.pool, req.pool) for i, req in zip(index, reqs, strict=True)]
         for pool in {p.name: p for p in pools}.values():
@@ -490,13 +493,20 @@ class Runtime:
     # --- scheduling
 
     def request_schedule(self) -> None:
+        """A pass soon: at the end of this tick, or, in a burst of submits, a moment later
+        (bursts.py)."""
         if self._schedule_pending:
             return
-        self._schedule_pending = True
         try:
-            asyncio.get_running_loop().call_soon(self._run_schedule)
+            loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._schedule_pending = False  # no loop (tests of pure steps)
+            return  # no loop (tests of pure steps)
+        self._schedule_pending = True
+        wait = self.bursts.wait()
+        if wait:
+            loop.call_later(wait, self._run_schedule)
+        else:
+            loop.call_soon(self._run_schedule)
 
     def _run_schedule(self) -> None:
         self._schedule_pending = False
