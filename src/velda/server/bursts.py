@@ -16,8 +16,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-WINDOW_S = 0.010
-COUNT = 8
+WINDOW_S = 0.010  # how close together submits make a burst, and how long a pass then waits
+COUNT = 8  # ... how many of them
 
 
 class SubmitBursts:
