@@ -28,6 +28,7 @@ job, when its status left PENDING (polled every 5 ms).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -185,20 +186,14 @@ def submit_each(request: dict[str, Any], n: int, submitters: int = SUBMITTERS) -
     turn, which on two cores shared with Ray's workers, not the server, sets its pace."""
     from velda.client import Client
 
-    ids: list[list[str]] = [[] for _ in range(submitters)]
-
-    def submit(share: list[str], count: int) -> None:
+    def submit(count: int) -> list[str]:
         client = Client()
-        share += [client.submit(**request)["id"] for _ in range(count)]
+        return [client.submit(**request)["id"] for _ in range(count)]
 
     counts = [n // submitters + (i < n % submitters) for i in range(submitters)]
-    threads = [threading.Thread(target=submit, args=(share, count))
-               for share, count in zip(ids, counts, strict=True)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return [i for share in ids for i in share]
+    with concurrent.futures.ThreadPoolExecutor(submitters) as pool:
+        shares = list(pool.map(submit, counts))  # a submit that failed raises here
+    return [i for share in shares for i in share]
 
 
 def velda_batch_row(client: Any, pool: str, sizes: Sizes, work: Path) -> Row:

@@ -24,6 +24,7 @@ class SubmitBursts:
     def __init__(self, window: float = WINDOW_S, count: int = COUNT,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.window = window
+        self.count = count
         self.clock = clock
         self._times: deque[float] = deque(maxlen=count)  # of the latest submits
 
@@ -33,7 +34,7 @@ class SubmitBursts:
     def wait(self) -> float:
         """How long a pass asked for now waits: `window` in a burst, else nothing."""
         times = self._times
-        if len(times) < (times.maxlen or 0):
+        if len(times) < self.count:
             return 0.0
         in_burst = times[-1] - times[0] < self.window and self.clock() - times[-1] < self.window
         return self.window if in_burst else 0.0
