@@ -8,7 +8,8 @@ kills any task process they leave. Progress goes to stderr, one Markdown table t
 Sections: 1 `vbatch true` wall time; 2 submit-to-start on an idle pool; 3 10,000 trivial tasks
 through the API, one a request and 1,000 a request (`POST /api/v1/tasks:batch`), with where a
 slot's cycle goes and the submit path alone (submits that wait on a running task), next to
-its floors: the HTTP stack alone (http_floor.py) and a task's row alone in the store; 4 1,000,000
+its floors: the HTTP stack alone (http_floor.py) and a task's row alone in the store, and
+what making a task's folder and log files costs where the homes are (TMPDIR); 4 1,000,000
 tasks stored (CLI list, API list, server RSS, server start); 5 memory of supervising a running
 task; 6 a task writing 1 GiB to stdout; 7 a scheduling pass and a submit with 10,000 tasks
 running on a synthetic engine. Uses hyperfine and tsp when installed (Debian packages
@@ -477,6 +478,25 @@ def xargs_baseline(n: int, wrapped_in: Path | None = None) -> tuple[float, float
     return n / (time.perf_counter() - started), (children_cpu() - cpu) / n
 
 
+SLOW_FILES_S = 0.0001  # tmpfs takes 0.015 ms, a quiet ext4 disk 0.02 to 0.06 ms
+
+
+def making_files(root: Path, n: int = 1000) -> float:
+    """Seconds to make a task's folder and its two log files under `root`, where the floods'
+    homes are: what each task of a flood asks of that file system besides velda's own work. On
+    tmpfs it takes some µs; on an ext4 disk that deleted many files in the last minutes it
+    can take a millisecond (README, "Performance")."""
+    folder = root / "s3-files"
+    folder.mkdir()
+    started = time.perf_counter()
+    for i in range(n):
+        attempt = folder / f"{i}.1"
+        attempt.mkdir()
+        for stream in ("stdout", "stderr"):
+            os.close(os.open(attempt / stream, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    return (time.perf_counter() - started) / n
+
+
 def submit_in_batches(server: Server, n: int, batch: int) -> None:
     """n × true through POST /api/v1/tasks:batch, `batch` tasks a request."""
     api = Api(server)
@@ -522,7 +542,12 @@ def slot_cycle(rows: list[tuple[Any, ...]]) -> tuple[float, float]:
 
 def bench_flood(root: Path, sizes: Sizes, submitters: int = 4, batch: int = 1000) -> list[Row]:
     n = sizes.flood_tasks
+    files_s = making_files(root)
     log(f"§3 {n:,} × true through the API, {submitters} submitters")
+    if files_s > SLOW_FILES_S:
+        log(f"   making a task's folder and log files takes {ms(files_s)} here: this file "
+            "system slows every task (README, \"Performance\"); TMPDIR=/dev/shm measures "
+            "without it")
     one = flood(root, "s3", n, lambda server: submit_many(server, n, submitters))
     log(f"   the same, {batch:,} tasks a request (POST /api/v1/tasks:batch)")
     bulk = flood(root, "s3b", n, lambda server: submit_in_batches(server, n, batch))
@@ -563,6 +588,8 @@ def bench_flood(root: Path, sizes: Sizes, submitters: int = 4, batch: int = 1000
             f"{ms(one['own'])} + {ms(one['waited'])}", cpu_peer),
         Row(f"  the same, submitted {batch:,} a request",
             f"{ms(bulk['own'])} + {ms(bulk['waited'])}", "—"),
+        Row("  making a task's folder and its two log files, where the homes are",
+            ms(files_s), "—"),
     ]
 
 
