@@ -4,6 +4,7 @@ runtime, and render. Bad input is a 4xx with a JSON error naming the field, neve
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import signal as signals
@@ -287,7 +288,9 @@ class Api:
         q = request.query_params
         attempt = parse_int(q.get("attempt"), "attempt", 1, MAX_ATTEMPT)
         follow = q.get("follow") in ("1", "true")
-        body = logs.multiplex(self.runtime, task.id, attempt, follow, _resume_point(q, attempt))
+        here = q.get("here") in ("1", "true") and _from_this_machine(request)
+        body = logs.multiplex(self.runtime, task.id, attempt, follow, _resume_point(q, attempt),
+                              here)
         if follow:
             body = self.blocking_follow(principal, task, body)
         return StreamingResponse(body, media_type="application/x-velda-frames")
@@ -361,6 +364,17 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise BadRequest(f"the request body is over {limit} bytes", None, 413)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _from_this_machine(request: Request) -> bool:
+    """Did the request come over loopback? Only such a client may read the log files itself
+    (`/output?here=1`); another one gets the bytes whatever it asks."""
+    try:
+        peer = ipaddress.ip_address(request.client.host if request.client else "")
+    except ValueError:
+        return False
+    mapped = getattr(peer, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return peer.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 def _resume_point(q: Any, attempt: int | None) -> tuple[int, int, int] | None:

@@ -7,6 +7,7 @@ offset and, when following, keep reading until the task is final and the files a
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +23,9 @@ POLL_S = 0.05
 # A task under a terminal echoes what its user types: its output is looked for more often, so
 # that a key comes back in a few milliseconds (bench/terminal_bench.py); one session, one file.
 TERMINAL_POLL_S = 0.005
+# A follower on the server's machine reads the bytes from the log files itself (`here`): its
+# frames say where they are, so a stream of them is looked at again this often while it flows.
+HERE_POLL_S = 0.005
 STREAMS = (("o", "stdout"), ("e", "stderr"))
 
 
@@ -103,15 +107,20 @@ def _frame(kind: str, data: bytes) -> bytes:
 
 async def multiplex(
     runtime: Runtime, task_id: int, attempt: int | None, follow: bool,
-    resume: tuple[int, int, int] | None = None,
+    resume: tuple[int, int, int] | None = None, here: bool = False,
 ) -> AsyncIterator[bytes]:
     """Both streams as frames (see docs/api.md), plus a status frame at every change, across
     attempts when following the latest one. The last frame is the task as it ended.
 
     `resume` (attempt, stdout offset, stderr offset) starts where a broken stream stopped; a
     client that asks for it also gets an `a` frame each time the stream moves to the next
-    attempt, so that it can tell where to resume next time, and a last `z` frame."""
-    async for frame in _multiplex(runtime, task_id, attempt, follow, resume):
+    attempt, so that it can tell where to resume next time, and a last `z` frame.
+
+    `here`: the client runs on this machine and reads the log files itself. Output frames
+    then say where the new bytes are (`O`, `E`: offset, length, file) instead of carrying
+    them: relaying a GiB through the server and the loopback took more CPU than the task that
+    wrote it (docs/architecture.md, "Live output and messages")."""
+    async for frame in _multiplex(runtime, task_id, attempt, follow, resume, here):
         yield frame
     if resume:
         yield _frame("z", b"")  # the end: a stream that stops before it was cut
@@ -130,9 +139,31 @@ def _new_output(
     return frames
 
 
+def _new_output_here(
+    runtime: Runtime, task_id: int, attempt: int, offsets: dict[str, int]
+) -> list[bytes]:
+    """_new_output for a client that reads the files itself: where the new bytes are."""
+    frames = []
+    for kind, stream in STREAMS:
+        path = runtime.attempt_dir(task_id, attempt) / stream
+        size = _size(path)
+        if size > offsets[stream]:
+            where = f"{offsets[stream]} {size - offsets[stream]} ".encode() + os.fsencode(path)
+            offsets[stream] = size
+            frames.append(_frame(kind.upper(), where))
+    return frames
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # not written yet
+        return 0
+
+
 async def _multiplex(
     runtime: Runtime, task_id: int, attempt: int | None, follow: bool,
-    resume: tuple[int, int, int] | None,
+    resume: tuple[int, int, int] | None, here: bool,
 ) -> AsyncIterator[bytes]:
     current = resume[0] if resume else attempt or 1
     offsets = {"stdout": resume[1], "stderr": resume[2]} if resume else {"stdout": 0, "stderr": 0}
@@ -143,7 +174,7 @@ async def _multiplex(
         task = runtime.store.get(task_id)
         if task is None:
             return
-        frames = _new_output(runtime, task_id, current, offsets)
+        frames = (_new_output_here if here else _new_output)(runtime, task_id, current, offsets)
         moved = bool(frames)
         for frame in frames:
             status_last = False
@@ -154,6 +185,8 @@ async def _multiplex(
             last_seen, status_last = seen, True
             yield _frame("s", json.dumps(task_detail(task, runtime.store)).encode())
         if moved:
+            if here:  # the client reads what these frames name: give the writer a moment
+                version = await runtime.notifier.wait(version, HERE_POLL_S)
             continue
         if attempt is None and task.attempt > current:
             current, offsets = current + 1, {"stdout": 0, "stderr": 0}
