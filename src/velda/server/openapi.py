@@ -39,6 +39,8 @@ PARAMETERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "from_attempt": ("query", _ATTEMPT, "resume /output from this attempt"),
     "stdout_offset": ("query", _OFFSET, "resume /output at this stdout offset"),
     "stderr_offset": ("query", _OFFSET, "resume /output at this stderr offset"),
+    "here": ("query", _FLAG, "a client over loopback reads the output from the log files: "
+             "frames `O`/`E` + `OFFSET LENGTH PATH` say where the bytes are"),
     "Idempotency-Key": ("header", {"type": "string", "maxLength": 200},
                         "the same key again returns what the first request made"),
 }
@@ -61,7 +63,8 @@ CALLS: list[tuple[str, str, str, str | None, list[str], str, str, list[str]]] = 
      ["id", "stream", "attempt", "offset", "follow", "framed", "tail"], "200", "bytes",
      ["400", "403", "404"]),
     ("get", "/api/v1/tasks/{id}/output", "Both streams and status changes, framed", None,
-     ["id", "attempt", "follow", "from_attempt", "stdout_offset", "stderr_offset"], "200",
+     ["id", "attempt", "follow", "from_attempt", "stdout_offset", "stderr_offset", "here"],
+     "200",
      "frames", ["400", "403", "404"]),
     ("get", "/api/v1/tasks/{id}/events", "Server-sent events of the task's changes", None,
      ["id", "subtree"], "200", "events", ["400", "403", "404"]),
