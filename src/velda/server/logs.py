@@ -148,7 +148,8 @@ def _new_output_here(
         path = runtime.attempt_dir(task_id, attempt) / stream
         size = _size(path)
         if size > offsets[stream]:
-            where = f"{offsets[stream]} {size - offsets[stream]} ".encode() + os.fsencode(path)
+            place = os.fsencode(path.absolute())  # the client may not share our cwd
+            where = f"{offsets[stream]} {size - offsets[stream]} ".encode() + place
             offsets[stream] = size
             frames.append(_frame(kind.upper(), where))
     return frames
