@@ -62,24 +62,18 @@ class Response:
     def read(self, size: int = -1) -> bytes:
         if not self._chunked:
             return self.body.read(size)
-        if size > 0 and self._next_chunk() and size <= self._left:
-            return self._within_chunk(size)  # as read, not copied twice more
-        out = bytearray()
-        while (size < 0 or len(out) < size) and self._next_chunk():
-            want = self._left if size < 0 else min(self._left, size - len(out))
+        pieces: list[bytes] = []
+        got = 0
+        while (size < 0 or got < size) and self._next_chunk():
+            want = self._left if size < 0 else min(self._left, size - got)
             data = self.body.read(want)
             if not data:
                 raise OSError("the server closed the connection in the middle of a chunk")
-            out += data
+            pieces.append(data)
+            got += len(data)
             self._left -= len(data)
-        return bytes(out)
-
-    def _within_chunk(self, size: int) -> bytes:
-        data = self.body.read(size)
-        if len(data) < size:
-            raise OSError("the server closed the connection in the middle of a chunk")
-        self._left -= size
-        return data
+        # a read within one chunk (a frame of output) comes back as read, not copied again
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def read_some(self, size: int = 1 << 16) -> bytes:
         """What has arrived (at least a byte), without waiting for more; b"" at the end."""

@@ -127,32 +127,29 @@ async def multiplex(
 
 
 def _new_output(
-    runtime: Runtime, task_id: int, attempt: int, offsets: dict[str, int]
+    runtime: Runtime, task_id: int, attempt: int, offsets: dict[str, int], here: bool
 ) -> list[bytes]:
-    """Frames of what both streams of the attempt gained since `offsets` (which move on)."""
+    """Frames of what both streams of the attempt gained since `offsets` (which move on):
+    the bytes, or, for a client that reads the files itself (`here`), where they are."""
     frames = []
     for kind, stream in STREAMS:
-        data = _read(runtime.attempt_dir(task_id, attempt) / stream, offsets[stream])
-        if data:
-            offsets[stream] += len(data)
-            frames.append(_frame(kind, data))
+        path, start = runtime.attempt_dir(task_id, attempt) / stream, offsets[stream]
+        if here:
+            end = max(start, _size(path))
+            if end > start:
+                frames.append(_frame(kind.upper(), _where(path, start, end)))
+        else:
+            data = _read(path, start)
+            end = start + len(data)
+            if data:
+                frames.append(_frame(kind, data))
+        offsets[stream] = end
     return frames
 
 
-def _new_output_here(
-    runtime: Runtime, task_id: int, attempt: int, offsets: dict[str, int]
-) -> list[bytes]:
-    """_new_output for a client that reads the files itself: where the new bytes are."""
-    frames = []
-    for kind, stream in STREAMS:
-        path = runtime.attempt_dir(task_id, attempt) / stream
-        size = _size(path)
-        if size > offsets[stream]:
-            place = os.fsencode(path.absolute())  # the client may not share our cwd
-            where = f"{offsets[stream]} {size - offsets[stream]} ".encode() + place
-            offsets[stream] = size
-            frames.append(_frame(kind.upper(), where))
-    return frames
+def _where(path: Path, start: int, end: int) -> bytes:
+    """`OFFSET LENGTH PATH`, the path whole: the client may not share our cwd."""
+    return f"{start} {end - start} ".encode() + os.fsencode(path.absolute())
 
 
 def _size(path: Path) -> int:
@@ -175,7 +172,7 @@ async def _multiplex(
         task = runtime.store.get(task_id)
         if task is None:
             return
-        frames = (_new_output_here if here else _new_output)(runtime, task_id, current, offsets)
+        frames = _new_output(runtime, task_id, current, offsets, here)
         moved = bool(frames)
         for frame in frames:
             status_last = False
