@@ -67,6 +67,33 @@ def cancel_kills_the_process_on_its_node(velda: Velda) -> None:
     assert time.monotonic() - started < 10
 
 
+# Submits a task and cancels it at once, in the same process (a millisecond apart): the
+# cancel may come while the pool's engine is still taking the task (its driver starting,
+# sbatch running).
+SUBMIT_AND_CANCEL = """
+import sys
+from velda.client import Client
+client = Client()
+task = client.submit(command=["sh", "-c", sys.argv[2]], pool=sys.argv[1], cwd=sys.argv[3])
+print(client.cancel(task["id"])["id"])
+"""
+
+
+def a_cancel_right_after_the_submit_stops_the_task(velda: Velda, pool: str) -> None:
+    """A task cancelled right after its submit ends CANCELLED, and its command is stopped
+    before it does what it would, however far its engine had got with it."""
+    marker = velda.cwd / f"ran-{pool}"
+    script = f"sleep 3; touch {marker}"
+    task_id = velda.run("python", "-c", SUBMIT_AND_CANCEL, pool, script, str(velda.cwd),
+                        check=True).stdout.strip()
+    task = velda.wait(task_id, timeout=60)
+    assert task["status"] == "CANCELLED", explain(velda, task_id)
+    after = velda.vbatch("-P", pool, "true")  # the pool took what came before it
+    assert velda.wait(after, timeout=60)["status"] == "SUCCESS", explain(velda, after)
+    time.sleep(4)
+    assert not marker.exists(), f"task {task_id} was cancelled, yet its command ran"
+
+
 def vbatch_inside_a_task_makes_children(velda: Velda) -> None:
     """A task on the remote pool submits one child there and one to `shell`."""
     parent_id = velda.vbatch("-P", "cpu-1", "--name", "outer", "sh", "-c",

@@ -19,7 +19,7 @@ import pytest
 
 from velda.config import Config
 from velda.engines.base import EngineEvents, Handle, Launch, StartResult, start_each
-from velda.models import Pool, Resources, TaskStatus
+from velda.models import Exit, Pool, Resources, TaskStatus
 from velda.protocol import SubmitRequest
 from velda.server.runtime import Runtime
 from velda.store.sqlite import SqliteStore
@@ -192,6 +192,66 @@ def test_cancel_ends_a_task_whose_engine_raises_within_the_grace(
     assert task is not None and (task.status, task.reason) == (S.CANCELLED, "cancelled")
     assert "did not report the end within the 0.2 s grace period" in (task.reason_detail or "")
     assert task_id not in runtime.machine.allocs
+
+
+class SlowEngine(RaisingEngine):
+    """Places work itself, as a remote engine does, and takes each pass's starts only once
+    `taking` is set (a driver starting, sbatch running); then what it started runs until
+    it is cancelled."""
+
+    places_work = True
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime)
+        self.taking = asyncio.Event()
+        self.cancelled: list[Handle] = []
+
+    async def start_many(self, launches: list[Launch]) -> list[StartResult]:
+        await self.taking.wait()
+        self.started += [launch.task_id for launch in launches]
+        return [{"job": launch.task_id} for launch in launches]
+
+    async def cancel(self, handle: Handle, grace_s: float) -> None:
+        self.cancelled.append(handle)
+        task_id = str(handle["job"])
+        task = self.runtime.store.get(int(task_id))
+        assert task is not None
+        self.runtime.exited(task_id, task.attempt, Exit.from_signal(signal.SIGTERM))
+
+
+def test_a_task_cancelled_while_its_engine_takes_it_is_stopped_once_taken(
+    tmp_path: Path,
+) -> None:
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    engines: list[SlowEngine] = []
+
+    def make(events: EngineEvents) -> SlowEngine:
+        assert isinstance(events, Runtime)
+        engines.append(SlowEngine(events))
+        return engines[0]
+
+    runtime = Runtime(tmp_path, Config(), SqliteStore(tmp_path / "velda.db"), str, local=make)
+    engine = engines[0]
+    try:
+        task_id = _submit(runtime, "sleep")
+        _run(runtime)
+        task = runtime.store.get(task_id)
+        assert task is not None and task.status == S.QUEUED and task.submitted_at is not None
+        assert engine.started == []  # handed over, not yet taken
+        loop.run_until_complete(runtime.cancel(task_id))  # answers at once
+        task = runtime.store.get(task_id)
+        assert task is not None and task.status == S.QUEUED and task.cancel_requested
+        engine.taking.set()
+        _run(runtime, 0.2)
+        assert engine.started == [str(task_id)]
+        assert engine.cancelled == [{"job": str(task_id)}]  # stopped by its handle
+        task = runtime.store.get(task_id)
+        assert task is not None and (task.status, task.reason) == (S.CANCELLED, "cancelled")
+    finally:
+        loop.run_until_complete(runtime.close())
+        loop.close()
+        asyncio.set_event_loop(None)
 
 
 def test_a_store_from_before_reason_detail_is_upgraded(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from pty_session import (
 )
 from ray_cluster import RayCluster
 from remote_pools import (
+    a_cancel_right_after_the_submit_stops_the_task,
     cancel_kills_the_process_on_its_node,
     exit_codes_and_signals_are_recorded,
     explain,
@@ -65,6 +66,10 @@ resources = {{node2_slot = 0.5}}
 [pools.upload]
 {ray}
 workdir = "upload"
+
+[pools.fresh]  # only the test of a cancel while the pool's driver starts uses it
+{ray}
+cpus = 1
 
 [pools.gone]
 engine = "ray"
@@ -249,6 +254,11 @@ def test_log_follow_streams_while_the_task_runs(velda: Velda, tmp_path: Path) ->
 
 def test_cancel_kills_the_process_on_its_node(velda: Velda) -> None:
     cancel_kills_the_process_on_its_node(velda)
+
+
+def test_a_cancel_right_after_the_submit_stops_the_task(velda: Velda) -> None:
+    """On a pool not used before: the cancel comes while its driver starts."""
+    a_cancel_right_after_the_submit_stops_the_task(velda, "fresh")
 
 
 def test_vbatch_inside_a_ray_task_makes_children(velda: Velda) -> None:

@@ -35,6 +35,7 @@ from pty_session import (
     vrun_has_a_terminal,
 )
 from remote_pools import (
+    a_cancel_right_after_the_submit_stops_the_task,
     cancel_kills_the_process_on_its_node,
     exit_codes_and_signals_are_recorded,
     explain,
@@ -263,6 +264,11 @@ def test_a_slurm_task_serving_http_is_reachable_through_port_forward(velda: Veld
 
 def test_cancel_kills_the_job_on_its_node(velda: Velda) -> None:
     cancel_kills_the_process_on_its_node(velda)
+
+
+def test_a_cancel_right_after_the_submit_stops_the_task(velda: Velda) -> None:
+    """The cancel comes while sbatch runs."""
+    a_cancel_right_after_the_submit_stops_the_task(velda, "cpu-1")
 
 
 def test_vbatch_inside_a_slurm_job_makes_children(velda: Velda) -> None:

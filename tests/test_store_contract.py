@@ -110,16 +110,17 @@ def test_cancel_waiting_leaves_started_and_final_tasks(store: Store) -> None:
     parent = _add(store)
     waiting = _add(store, parent_id=parent)
     queued = _add(store, parent_id=parent, status=TaskStatus.QUEUED)
-    handed = _add(store, status=TaskStatus.QUEUED, handle={"pid": 1})
+    handed = _add(store, status=TaskStatus.QUEUED, submitted_at=4.0, handle={"pid": 1})
+    taking = _add(store, status=TaskStatus.QUEUED, submitted_at=4.0)  # no handle yet
     done = _add(store, status=TaskStatus.SUCCESS)
-    ended = store.cancel_waiting([waiting, queued, handed, done], now=5.0)
+    ended = store.cancel_waiting([waiting, queued, handed, taking, done], now=5.0)
     assert sorted(ended) == [(waiting, parent), (queued, parent)]
     cancelled = store.get(waiting)
     assert cancelled is not None
     assert (cancelled.status, cancelled.resolved_at, cancelled.cancel_requested) == (
         TaskStatus.CANCELLED, 5.0, True
     )
-    assert _get(store, handed).status == TaskStatus.QUEUED
+    assert _get(store, handed).status == _get(store, taking).status == TaskStatus.QUEUED
 
 
 def test_request_cancel_marks_only_open_tasks(store: Store) -> None:

@@ -110,6 +110,7 @@ class Runtime:
         self._jobs: set[asyncio.Task[None]] = set()
         self.cancel_grace_s = float(os.environ.get("VELDA_CANCEL_GRACE_S") or CANCEL_GRACE_S)
         self.deadlines: dict[int, asyncio.TimerHandle] = {}  # cancelled tasks' last moment
+        self.launching: dict[int, asyncio.Event] = {}  # handed to an engine still taking them
         self.space = Space(home, self.request_schedule)  # writes waiting for a full disk
         # the engines' running and exited reports, one transaction per tick (group_commit.py)
         self.reports = GroupCommit(self._writing, self.space.keep)
@@ -566,7 +567,20 @@ class Runtime:
             self.store.record_attempt(task)
 
     async def _launch_all(self, started: list[Task]) -> None:
-        """Hand the new attempts to their engines, all of one engine at once."""
+        """Hand the new attempts to their engines, all of one engine at once. Until an
+        engine has taken them (a remote one may take a while: a driver starting, sbatch),
+        they are in `launching`: a cancel meanwhile waits for their handles (_stop)."""
+        launched = asyncio.Event()
+        for task in started:
+            self.launching[task.id] = launched
+        try:
+            await self._hand_over(started)
+        finally:
+            for task in started:
+                del self.launching[task.id]
+            launched.set()
+
+    async def _hand_over(self, started: list[Task]) -> None:
         by_engine: dict[int, tuple[Engine, list[tuple[Task, Launch]]]] = {}
         for task in started:
             try:
@@ -787,7 +801,13 @@ class Runtime:
 
     async def _stop(self, task: Task) -> None:
         """Ask the engine to stop the attempt; whatever the engine does (no process, no
-        handle, an error), the attempt ends within the grace period."""
+        handle, an error), the attempt ends within the grace period. An attempt its engine
+        is still taking is stopped as soon as it has: without its handle, nothing would stop
+        what the engine then starts."""
+        launched = self.launching.get(task.id)
+        if launched is not None:
+            self.later(self._stop_once_taken(task, launched))
+            return
         try:
             await self.engine_of(task.pool).cancel(task.handle or {}, self.cancel_grace_s)
         except Exception:
@@ -796,6 +816,13 @@ class Runtime:
             self.cancel_grace_s + REPORT_SLACK_S, self._end_if_still_running, task.id,
             task.attempt,
         )
+
+    async def _stop_once_taken(self, task: Task, launched: asyncio.Event) -> None:
+        await launched.wait()
+        self.settle()  # its handle, or its failure to start
+        now = self.store.get(task.id)
+        if now is not None and now.attempt == task.attempt and not now.status.is_final():
+            await self._stop(now)
 
     def _end_if_still_running(self, task_id: int, attempt: int) -> None:
         self.deadlines.pop(task_id, None)
