@@ -112,15 +112,16 @@ def test_cancel_waiting_leaves_started_and_final_tasks(store: Store) -> None:
     queued = _add(store, parent_id=parent, status=TaskStatus.QUEUED)
     handed = _add(store, status=TaskStatus.QUEUED, submitted_at=4.0, handle={"pid": 1})
     taking = _add(store, status=TaskStatus.QUEUED, submitted_at=4.0)  # no handle yet
+    older = _add(store, status=TaskStatus.QUEUED, handle={"job": 7})  # stored before submitted_at
     done = _add(store, status=TaskStatus.SUCCESS)
-    ended = store.cancel_waiting([waiting, queued, handed, taking, done], now=5.0)
+    ended = store.cancel_waiting([waiting, queued, handed, taking, older, done], now=5.0)
     assert sorted(ended) == [(waiting, parent), (queued, parent)]
     cancelled = store.get(waiting)
     assert cancelled is not None
     assert (cancelled.status, cancelled.resolved_at, cancelled.cancel_requested) == (
         TaskStatus.CANCELLED, 5.0, True
     )
-    assert _get(store, handed).status == _get(store, taking).status == TaskStatus.QUEUED
+    assert {_get(store, t).status for t in (handed, taking, older)} == {TaskStatus.QUEUED}
 
 
 def test_request_cancel_marks_only_open_tasks(store: Store) -> None:

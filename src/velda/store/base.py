@@ -68,8 +68,8 @@ class Store(Protocol):
         """Mark the tasks of `ids` that are not final as asked to cancel."""
 
     def cancel_waiting(self, ids: list[int], now: float) -> list[tuple[int, int | None]]:
-        """Those of `ids` PENDING or QUEUED and not handed to an engine (no `submitted_at`)
-        become CANCELLED at `now`; (id, parent_id) of each."""
+        """Those of `ids` PENDING or QUEUED and not handed to an engine (neither
+        `submitted_at` nor a handle) become CANCELLED at `now`; (id, parent_id) of each."""
 
     def open_tasks(self) -> list[Task]:
         """Every task that is not final, by ID."""

@@ -118,7 +118,7 @@ class MemoryStore:
     def cancel_waiting(self, ids: list[int], now: float) -> list[tuple[int, int | None]]:
         ended = []
         for t in self._stored(ids):
-            if t.status in _WAITING and t.submitted_at is None:
+            if t.status in _WAITING and t.submitted_at is None and t.handle is None:
                 t.status, t.resolved_at, t.cancel_requested = TaskStatus.CANCELLED, now, True
                 ended.append((t.id, t.parent_id))
         return ended

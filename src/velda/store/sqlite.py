@@ -385,8 +385,8 @@ class SqliteStore:
         for chunk in _chunks(ids):
             ended += self.db.execute(
                 "UPDATE tasks SET status=?, resolved_at=?, cancel_requested=1 "
-                f"WHERE id IN ({_marks(chunk)}) AND status IN (?, ?) AND submitted_at IS NULL "
-                "RETURNING id, parent_id",
+                f"WHERE id IN ({_marks(chunk)}) AND status IN (?, ?) "
+                "AND submitted_at IS NULL AND handle IS NULL RETURNING id, parent_id",
                 [TaskStatus.CANCELLED.value, now, *chunk, TaskStatus.PENDING.value,
                  TaskStatus.QUEUED.value],
             ).fetchall()
