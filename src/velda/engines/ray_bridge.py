@@ -291,6 +291,8 @@ class Bridge:
         self._flush_events()
         _emit(self.events, {"ev": "fatal", "message": message})
         runs = list(self.runs.values())
+        for run in runs:  # lost: an end their nodes report while they are killed is not said
+            run.done = True
         kills = [control_request(r.control, {"op": "cancel", "grace_s": 0})
                  for r in runs if r.control]
         if kills:
