@@ -68,8 +68,8 @@ def cancel_kills_the_process_on_its_node(velda: Velda) -> None:
 
 
 # Submits a task and cancels it at once, in the same process (a millisecond apart): the
-# cancel may come while the pool's engine is still taking the task (its driver starting,
-# sbatch running).
+# cancel may come while the pool's engine is still taking the task (on Slurm, while sbatch
+# runs).
 SUBMIT_AND_CANCEL = """
 import sys
 from velda.client import Client
