@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
 
-from velda.logindex import CODE
+from velda.logindex import CODE, file_size
 from velda.models import Task
 from velda.server.combined import Combined
 from velda.server.runtime import Runtime
@@ -135,7 +135,7 @@ def _new_output(
     for kind, stream in STREAMS:
         path, start = runtime.attempt_dir(task_id, attempt) / stream, offsets[stream]
         if here:
-            end = max(start, _size(path))
+            end = max(start, file_size(path))
             if end > start:
                 frames.append(_frame(kind.upper(), _where(path, start, end)))
         else:
@@ -150,13 +150,6 @@ def _new_output(
 def _where(path: Path, start: int, end: int) -> bytes:
     """`OFFSET LENGTH PATH`, the path whole: the client may not share our cwd."""
     return f"{start} {end - start} ".encode() + os.fsencode(path.absolute())
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:  # not written yet
-        return 0
 
 
 async def _multiplex(
