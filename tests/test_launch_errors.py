@@ -13,7 +13,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -132,22 +134,34 @@ class RaisingEngine:
         return None
 
 
-@pytest.fixture
-def raising(tmp_path: Path) -> Iterator[tuple[Runtime, RaisingEngine]]:
-    loop = asyncio.new_event_loop()
-    engines: list[RaisingEngine] = []
+_Engine = TypeVar("_Engine", bound="RaisingEngine")
 
-    def make(events: EngineEvents) -> RaisingEngine:
+
+@contextmanager
+def _runtime_with(kind: type[_Engine], tmp_path: Path) -> Iterator[tuple[Runtime, _Engine]]:
+    """A runtime on its own event loop whose local engine is a `kind`."""
+    loop = asyncio.new_event_loop()
+    engines: list[_Engine] = []
+
+    def make(events: EngineEvents) -> _Engine:
         assert isinstance(events, Runtime)  # the runtime hears its engines itself
-        engines.append(RaisingEngine(events))
+        engines.append(kind(events))
         return engines[0]
 
     runtime = Runtime(tmp_path, Config(), SqliteStore(tmp_path / "velda.db"), str, local=make)
-    engine = engines[0]
     asyncio.set_event_loop(loop)
-    yield runtime, engine
-    loop.close()
-    asyncio.set_event_loop(None)
+    try:
+        yield runtime, engines[0]
+    finally:
+        loop.run_until_complete(runtime.close())
+        loop.close()
+        asyncio.set_event_loop(None)
+
+
+@pytest.fixture
+def raising(tmp_path: Path) -> Iterator[tuple[Runtime, RaisingEngine]]:
+    with _runtime_with(RaisingEngine, tmp_path) as pair:
+        yield pair
 
 
 def _submit(runtime: Runtime, command: str) -> int:
@@ -222,24 +236,13 @@ class SlowEngine(RaisingEngine):
 def test_a_task_cancelled_while_its_engine_takes_it_is_stopped_once_taken(
     tmp_path: Path,
 ) -> None:
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    engines: list[SlowEngine] = []
-
-    def make(events: EngineEvents) -> SlowEngine:
-        assert isinstance(events, Runtime)
-        engines.append(SlowEngine(events))
-        return engines[0]
-
-    runtime = Runtime(tmp_path, Config(), SqliteStore(tmp_path / "velda.db"), str, local=make)
-    engine = engines[0]
-    try:
+    with _runtime_with(SlowEngine, tmp_path) as (runtime, engine):
         task_id = _submit(runtime, "sleep")
         _run(runtime)
         task = runtime.store.get(task_id)
         assert task is not None and task.status == S.QUEUED and task.submitted_at is not None
         assert engine.started == []  # handed over, not yet taken
-        loop.run_until_complete(runtime.cancel(task_id))  # answers at once
+        asyncio.get_event_loop().run_until_complete(runtime.cancel(task_id))  # answers at once
         task = runtime.store.get(task_id)
         assert task is not None and task.status == S.QUEUED and task.cancel_requested
         engine.taking.set()
@@ -248,10 +251,6 @@ def test_a_task_cancelled_while_its_engine_takes_it_is_stopped_once_taken(
         assert engine.cancelled == [{"job": str(task_id)}]  # stopped by its handle
         task = runtime.store.get(task_id)
         assert task is not None and (task.status, task.reason) == (S.CANCELLED, "cancelled")
-    finally:
-        loop.run_until_complete(runtime.close())
-        loop.close()
-        asyncio.set_event_loop(None)
 
 
 def test_a_store_from_before_reason_detail_is_upgraded(tmp_path: Path) -> None:
