@@ -101,9 +101,14 @@ def status(runtime: Runtime, task_id: int) -> S:
     return task.status
 
 
-@pytest.fixture(autouse=True)
-def loop() -> object:
-    loop = asyncio.new_event_loop()
+@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
+def loop(request: pytest.FixtureRequest) -> object:
+    """Each test on asyncio's own loop and on uvloop, which the server runs on."""
+    if request.param == "uvloop":
+        import uvloop
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     yield loop
     loop.close()
@@ -228,6 +233,66 @@ def test_a_report_that_cannot_be_written_leaves_the_others_written(
     assert f"('exit', '{ids[1]}', 1) could not be written" in caplog.text
 
 
+def _transactions(statements: list[str]) -> list[list[str]]:
+    """The statements of each transaction, BEGIN to COMMIT."""
+    found: list[list[str]] = []
+    for statement in statements:
+        if statement.startswith("BEGIN"):
+            found.append([])
+        elif found and not statement.startswith("COMMIT"):
+            found[-1].append(statement)
+    return found
+
+
+def test_an_exit_and_the_start_it_makes_room_for_are_one_commit(tmp_path: Path) -> None:
+    runtime, engine = runtime_with(tmp_path, cpus=1)
+    first, second = submit(runtime), submit(runtime)
+    settle(runtime)
+    assert _started(engine) == [first]
+    statements = _finish_in_one_tick(runtime, engine, [first])
+    ends = [t for t in _transactions(statements) if any("'SUCCESS'" in s for s in t)]
+    assert len(ends) == 1
+    assert any("INTO attempts" in s and f"VALUES ({second}, 1," in s for s in ends[0])
+    assert (status(runtime, first), status(runtime, second)) == (S.SUCCESS, S.RUNNING)
+    assert _started(engine) == [first, second]
+
+
+def test_the_start_joined_to_an_exit_is_handed_over_in_the_same_turn(tmp_path: Path) -> None:
+    """No turn of the event loop between the commit and the engine's start: a local slot
+    does not wait a turn for its next task."""
+    runtime, engine = runtime_with(tmp_path, cpus=1)
+    first, second = submit(runtime), submit(runtime)
+    settle(runtime)
+
+    async def end_the_first() -> None:
+        engine.finish(first, 0)
+        await asyncio.sleep(0)  # the end of this tick: the reports' group is written
+
+    asyncio.get_event_loop().run_until_complete(end_the_first())
+    assert _started(engine) == [first, second]
+
+
+def test_a_pass_that_fails_in_the_reports_transaction_leaves_the_exit_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime, engine = runtime_with(tmp_path, cpus=1)
+    first, second = submit(runtime), submit(runtime)
+    settle(runtime)
+    new_attempts, failures = runtime._new_attempts, [RuntimeError("broken once")]
+
+    def broken_once(*args: object) -> None:
+        if failures:
+            raise failures.pop()
+        new_attempts(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime, "_new_attempts", broken_once)
+    _finish_in_one_tick(runtime, engine, [first])
+    assert "broken once" in caplog.text
+    assert status(runtime, first) == S.SUCCESS  # the exit, written without the pass
+    assert status(runtime, second) == S.RUNNING  # by the pass asked for, on its own
+    assert _started(engine) == [first, second]
+
+
 def _ticks(n: int = 5) -> None:
     """Let the loop run what is due now (a pass asked for at once), nothing later."""
     for _ in range(n):
@@ -256,8 +321,11 @@ def test_submits_one_after_another_start_at_once_and_a_burst_after_its_submits(
     _ticks()
     assert _started(engine)[4:] == burst[:2]  # too few yet to tell a burst: at once
     assert {status(runtime, i) for i in burst[2:]} == {S.QUEUED}  # the others wait ...
+    engine.finish(burst[0], 0)  # (an exit's report does not cut the wait short)
+    _ticks()
+    assert {status(runtime, i) for i in burst[2:]} == {S.QUEUED}
     asyncio.get_event_loop().run_until_complete(asyncio.sleep(0.1))
-    assert {status(runtime, i) for i in burst} == {S.RUNNING}  # ... for one pass, together
+    assert {status(runtime, i) for i in burst[1:]} == {S.RUNNING}  # ... for one pass, together
     assert _started(engine)[6:] == burst[2:]
 
     clock[0] += 1  # the burst is over: a submit starts at once again

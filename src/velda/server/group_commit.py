@@ -13,6 +13,11 @@ in order, in one transaction.
 On a full disk the whole group is rolled back and each report is kept (Space) until it fits.
 A report that fails for another reason must not take the others with it: the group is then
 written again one report at a time, so that only the faulty one fails.
+
+`join`: more work for the group's transaction, once its reports are written: the scheduling
+pass that an exit asked for (runtime.py), so that an exit and the start it makes room for
+are one commit, not two. It gives what to do once the transaction is committed, or rolled
+back; should it fail itself, the reports are written again without it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 from velda.server.space import is_full
 
@@ -29,11 +35,29 @@ log = logging.getLogger("velda.server")
 Write = Callable[[], None]
 
 
+@dataclass(frozen=True)
+class Joined:
+    """Work written in a group's transaction: what follows its commit, or its rollback."""
+    committed: Callable[[], None]
+    rolled_back: Callable[[], None]
+
+
+def _nothing() -> None:
+    """No work joins the reports."""
+    return None
+
+
+class JoinFailed(Exception):
+    """The joined work failed (and gave back what it took): the reports go without it."""
+
+
 class GroupCommit:
     def __init__(self, transaction: Callable[[], AbstractContextManager[None]],
-                 keep: Callable[[Hashable, Write, OSError], None]) -> None:
+                 keep: Callable[[Hashable, Write, OSError], None],
+                 join: Callable[[], Joined | None] = _nothing) -> None:
         self.transaction = transaction  # one store transaction (nested ones join it)
         self.keep = keep  # a write that found the disk full, to do again once it fits
+        self.join = join
         self._pending: list[_Report] = []
         self._flush_soon = False
 
@@ -53,44 +77,63 @@ class GroupCommit:
 
     def flush(self) -> None:
         group, self._pending, self._flush_soon = self._pending, [], False
-        if len(group) == 1:
-            self._one(*group[0])
-        elif group:
-            self._together(group)
+        if group:
+            self._write(group, self.join)
 
-    def _together(self, group: list[_Report]) -> None:
+    def _write(self, group: list[_Report], join: Callable[[], Joined | None]) -> None:
+        joined = None
         try:
             with self.transaction():
                 for _, write, _ in group:
                     write()
+                joined = _joining(join)
+        except JoinFailed:
+            self._write(group, _nothing)
+            return
         except Exception as e:
-            if isinstance(e, OSError) and is_full(e):
-                for key, write, written in group:
-                    self.keep(key, _then(write, written), e)
-                return
-            for report in group:  # again one by one: only the faulty one fails
-                self._one(*report)
+            if joined is not None:
+                joined.rolled_back()
+            self._not_written(group, e)
             return
         for _, _, written in group:
             if written is not None:
                 written()
+        if joined is not None:
+            joined.committed()
 
-    def _one(self, key: Hashable, write: Write, written: Write | None) -> None:
-        try:
-            with self.transaction():
-                write()
-        except OSError as e:
-            if is_full(e):
-                self.keep(key, _then(write, written), e)
-                return
-            log.exception("an engine's report %s could not be written", key)
-        except Exception:
-            log.exception("an engine's report %s could not be written", key)
-        if written is not None:
-            written()
+    def _not_written(self, group: list[_Report], error: Exception) -> None:
+        """On a full disk each report waits for space; else they are written again one at a
+        time, so that only the faulty one fails."""
+        if isinstance(error, OSError) and is_full(error):
+            for key, write, written in group:
+                self.keep(key, _then(write, written), error)
+        elif len(group) > 1:
+            for report in group:
+                self._write([report], _nothing)
+        else:
+            _failed(group[0], error)
 
 
 _Report = tuple[Hashable, Write, Write | None]  # key, write, what to call once it is written
+
+
+def _failed(report: _Report, error: Exception) -> None:
+    """A report that cannot be written, for another reason than a full disk: said in the
+    log, and let go of (`written`), so that it does not keep its engine waiting for good."""
+    key, _, written = report
+    log.error("an engine's report %s could not be written", key, exc_info=error)
+    if written is not None:
+        written()
+
+
+def _joining(join: Callable[[], Joined | None]) -> Joined | None:
+    try:
+        return join()
+    except Exception as e:
+        if isinstance(e, OSError) and is_full(e):
+            raise  # the reports, too, wait for space
+        log.exception("work joined to the reports' transaction failed; they go without it")
+        raise JoinFailed() from e
 
 
 def _then(write: Write, written: Write | None) -> Write:

@@ -49,7 +49,8 @@ from velda.server.blocked import Blocked
 from velda.server.bursts import SubmitBursts
 from velda.server.config_watch import ConfigWatcher
 from velda.server.dispatch import HandOver, LocalDispatch, Taken
-from velda.server.group_commit import GroupCommit
+from velda.server.eager import start_now
+from velda.server.group_commit import GroupCommit, Joined
 from velda.server.notifier import Notifier
 from velda.server.recovery import Recovery
 from velda.server.refs import Resolver
@@ -105,15 +106,17 @@ class Runtime:
         self.machine = LocalDispatch(self.local, self.blocked, lambda: self.config)
         self.handover = HandOver()
         self.timeouts = Timeouts(now, self._time_out)
-        self._schedule_pending = False
+        self._pass_call: asyncio.Handle | None = None  # the pass asked for, till it runs
+        self._pass_waits = False  # ... and it waits out a burst of submits
         self.bursts = SubmitBursts()  # a pass waits out a burst of submits
         self._jobs: set[asyncio.Task[None]] = set()
         self.cancel_grace_s = float(os.environ.get("VELDA_CANCEL_GRACE_S") or CANCEL_GRACE_S)
         self.deadlines: dict[int, asyncio.TimerHandle] = {}  # cancelled tasks' last moment
         self.launching: dict[int, asyncio.Event] = {}  # handed to an engine still taking them
         self.space = Space(home, self.request_schedule)  # writes waiting for a full disk
-        # the engines' running and exited reports, one transaction per tick (group_commit.py)
-        self.reports = GroupCommit(self._writing, self.space.keep)
+        # the engines' running and exited reports, one transaction per tick (group_commit.py),
+        # with the pass that an exit among them asked for
+        self.reports = GroupCommit(self._writing, self.space.keep, self._pass_with_reports)
         self.config_file = home / "velda.toml"  # where a fix to the pools goes (main sets it)
         self.watcher = ConfigWatcher(self.config_file, config, self.apply_config)
 
@@ -496,21 +499,21 @@ class Runtime:
     def request_schedule(self) -> None:
         """A pass soon: at the end of this tick, or, in a burst of submits, a moment later
         (bursts.py)."""
-        if self._schedule_pending:
+        if self._pass_call is not None:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop (tests of pure steps)
-        self._schedule_pending = True
         wait = self.bursts.wait()
+        self._pass_waits = bool(wait)
         if wait:
-            loop.call_later(wait, self._run_schedule)
+            self._pass_call = loop.call_later(wait, self._run_schedule)
         else:
-            loop.call_soon(self._run_schedule)
+            self._pass_call = loop.call_soon(self._run_schedule)
 
     def _run_schedule(self) -> None:
-        self._schedule_pending = False
+        self._pass_call = None
         asyncio.ensure_future(self.schedule_once())
 
     async def schedule_once(self) -> None:
@@ -520,25 +523,54 @@ class Runtime:
         nothing starts: a start is a write."""
         if self.space.full:
             return
-        taken = [(dispatch, dispatch.take()) for dispatch in self._dispatches()]
-        if not any(t for _, t in taken):
-            return
-        started: list[Task] = []
+        a_pass = None
         try:
             with self._writing():
-                for _, each in taken:
-                    self._new_attempts(each, started)
+                a_pass = self._take_pass()
         except OSError as e:
             if not is_full(e):
                 raise
-            for dispatch, each in taken:  # they wait, queued, until there is space
-                dispatch.give_back(each)
+            if a_pass is not None:  # its commit found the disk full
+                a_pass.give_back()
             return
-        for dispatch, each in taken:
-            dispatch.started(each)
-        await self._launch_all(started)
-        if started:
-            self.changed()
+        if a_pass is not None:
+            await self._launch_all(a_pass)
+
+    def _pass_with_reports(self) -> Joined | None:
+        """The pass asked for at the end of this tick, written in the transaction of the
+        engines' reports that asked for it: an exit and the start it makes room for are one
+        commit. Its attempts are handed over at once after that commit (eager.py): the local
+        engine spawns them in the same turn of the loop."""
+        call = self._pass_call
+        if call is None or self._pass_waits or self.space.full:
+            return None  # none asked for, or it waits out a burst of submits
+        a_pass = self._take_pass()  # should it fail, the pass asked for still comes
+        if a_pass is None:
+            return None  # it comes as asked: nothing can start yet
+        call.cancel()
+        self._pass_call = None
+        return Joined(committed=lambda: start_now(self._launch_all(a_pass), self.later),
+                      rolled_back=partial(self._pass_undone, a_pass))
+
+    def _pass_undone(self, a_pass: Pass) -> None:
+        """The reports' transaction did not commit: the pass is made again on its own."""
+        a_pass.give_back()
+        self.request_schedule()
+
+    def _take_pass(self) -> Pass | None:
+        """Take what can start and write its new attempts (in the caller's transaction);
+        None if nothing can. Should the writing fail, what was taken is given back."""
+        taken = [(dispatch, dispatch.take()) for dispatch in self._dispatches()]
+        if not any(t for _, t in taken):
+            return None
+        a_pass = Pass(taken)
+        try:
+            for _, each in taken:
+                self._new_attempts(each, a_pass.started)
+        except BaseException:
+            a_pass.give_back()
+            raise
+        return a_pass
 
     def _new_attempts(self, taken: Taken, started: list[Task]) -> None:
         allocs = dict(taken)
@@ -566,10 +598,13 @@ class Runtime:
         if alloc is not None:
             self.store.record_attempt(task)
 
-    async def _launch_all(self, started: list[Task]) -> None:
-        """Hand the new attempts to their engines, all of one engine at once. Until an
-        engine has taken them (a remote one may take a while: a driver starting, sbatch),
-        they are in `launching`: a cancel meanwhile waits for their handles (_stop)."""
+    async def _launch_all(self, a_pass: Pass) -> None:
+        """Hand the new attempts of a committed pass to their engines, all of one engine at
+        once. Until an engine has taken them (a remote one may take a while: a driver
+        starting, sbatch), they are in `launching`: a cancel meanwhile waits for their
+        handles (_stop)."""
+        a_pass.written()
+        started = a_pass.started
         launched = asyncio.Event()
         for task in started:
             self.launching[task.id] = launched
@@ -579,6 +614,8 @@ class Runtime:
             for task in started:
                 del self.launching[task.id]
             launched.set()
+        if started:
+            self.changed()
 
     async def _hand_over(self, started: list[Task]) -> None:
         by_engine: dict[int, tuple[Engine, list[tuple[Task, Launch]]]] = {}
@@ -956,6 +993,24 @@ class Runtime:
 
     def changed(self) -> None:
         self.notifier.bump()
+
+
+class Pass:
+    """One scheduling pass: what each dispatch gave it, and the attempts it started."""
+
+    def __init__(self, taken: list[tuple[LocalDispatch | HandOver, Taken]]) -> None:
+        self.taken = taken
+        self.started: list[Task] = []
+
+    def written(self) -> None:
+        """Its attempts are committed: they leave their dispatch's queue."""
+        for dispatch, each in self.taken:
+            dispatch.started(each)
+
+    def give_back(self) -> None:
+        """They were not written: they wait, queued, holding nothing."""
+        for dispatch, each in self.taken:
+            dispatch.give_back(each)
 
 
 def _split_refs(refs: list[str]) -> list[str]:
