@@ -195,7 +195,7 @@ def _finish_in_one_tick(runtime: Runtime, engine: FakeEngine, ids: list[int]) ->
         for task_id in ids:
             engine.finish(task_id, 0)
         await asyncio.sleep(0)  # the end of the tick: the group is written
-        await asyncio.sleep(0)  # the scheduling pass the exits asked for begins
+        await asyncio.sleep(0)  # a pass that comes on its own (not joined to them) begins
         others = asyncio.all_tasks() - {asyncio.current_task()}
         await asyncio.gather(*others)
 

@@ -47,7 +47,7 @@ def _nothing() -> None:
     return None
 
 
-class JoinFailed(Exception):
+class _JoinFailed(Exception):
     """The joined work failed (and gave back what it took): the reports go without it."""
 
 
@@ -87,7 +87,7 @@ class GroupCommit:
                 for _, write, _ in group:
                     write()
                 joined = _joining(join)
-        except JoinFailed:
+        except _JoinFailed:
             self._write(group, _nothing)
             return
         except Exception as e:
@@ -133,7 +133,7 @@ def _joining(join: Callable[[], Joined | None]) -> Joined | None:
         if isinstance(e, OSError) and is_full(e):
             raise  # the reports, too, wait for space
         log.exception("work joined to the reports' transaction failed; they go without it")
-        raise JoinFailed() from e
+        raise _JoinFailed() from e
 
 
 def _then(write: Write, written: Write | None) -> Write:
