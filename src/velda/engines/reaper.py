@@ -9,7 +9,8 @@ children; the reaper writes each one's `pid` file at once and, when it ends, its
 file, as the wrapper would have; the next server finds them as it finds wrapped tasks.
 
 The server tells the reaper, through a pipe, which attempt directory each pid is (`S DIR`
-before a spawn, `P PID` after it, `X` when it failed, `E PID` once the server reaped it). The
+before a spawn, `P PID` after it, `X` when it failed, `E PID` once the server reaped it), and
+which of its children is a helper, not a task (`H PID`: server/folders_ahead.py). The
 end of a task that ends while the server lives is read without reaping it (`WNOWAIT`,
 zombie.py), committed to the store with its CPU totals, and only then reaped: a kill between
 the two leaves a zombie for the reaper, never a lost status, and no file is written for it.
@@ -75,6 +76,9 @@ class ReaperLink:
 
     def reaped(self, pid: int) -> None:
         self._send(b"E %d\n" % pid)
+
+    def helper(self, pid: int) -> None:
+        self._send(b"H %d\n" % pid)
 
     def _send(self, line: bytes) -> None:
         if not self.alive:
@@ -158,6 +162,7 @@ class Reaper:
         self.spawned: dict[int, Path] = {}  # pid -> attempt dir, as the server said
         self.intent: Path | None = None  # a spawn under way: S without its P yet
         self.orphans: dict[int, Path] = {}  # the dead server's tasks, now ours
+        self.helpers: set[int] = set()  # the server's children that are no task
         self.unsettled: dict[int, Ending] = {}  # ended, status not written yet (disk full)
 
     def run(self, wake: int) -> int:
@@ -196,6 +201,8 @@ class Reaper:
             self.intent = None
         elif kind == b"E":
             self.spawned.pop(int(rest), None)
+        elif kind == b"H":
+            self.helpers.add(int(rest))
 
     def reap(self) -> None:
         """Every child that ended: the server, its tasks after it died, and processes that
@@ -230,7 +237,7 @@ class Reaper:
         children = _children()
         self.orphans = {pid: d for pid, d in self.spawned.items() if pid in children}
         if self.intent is not None:
-            pid = _in_flight(self.intent, children - set(self.orphans))
+            pid = _in_flight(self.intent, children - set(self.orphans) - self.helpers)
             if pid is not None:
                 self.orphans[pid] = self.intent
         for pid, attempt_dir in self.orphans.items():

@@ -17,14 +17,16 @@ def attempt_dir(home: Path, task_id: int, attempt: int) -> Path:
     return home / "logs" / f"{task_id}.{attempt}"
 
 
-def make_attempt_dir(path: Path) -> None:
+def make_attempt_dir(path: Path) -> bool:
+    """Whether it made it (False: it was there, made ahead or by an earlier try)."""
     try:
         path.mkdir(mode=0o700)  # logs are the server's alone (docs/security.md)
     except FileNotFoundError:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         path.mkdir(mode=0o700)
     except FileExistsError:
-        pass
+        return False
+    return True
 
 
 def task_env(

@@ -28,6 +28,7 @@ from velda.server.app import build_app
 from velda.server.auth import Auth, load_or_create_token
 from velda.server.config_watch import ConfigWatcher
 from velda.server.doors import WILDCARD_HOSTS, served_names
+from velda.server.folders_ahead import FoldersAhead
 from velda.server.permissions import create_private, secure_home, write_private
 from velda.server.runtime import Runtime
 from velda.server.space import is_full, no_space
@@ -103,6 +104,7 @@ async def serve(args: argparse.Namespace, home: Path) -> None:
     create_private(home / "velda.db")
     store = SqliteStore(home / "velda.db")
     runtime = Runtime(home, config, store, auth.task_token)
+    runtime.ahead = FoldersAhead(home)
     runtime.config_file = config_file(home, args.config)
     runtime.watcher = ConfigWatcher(runtime.config_file, config, runtime.apply_config)
     port = args.port if args.port is not None else _env_port()

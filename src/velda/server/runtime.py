@@ -50,6 +50,7 @@ from velda.server.bursts import SubmitBursts
 from velda.server.config_watch import ConfigWatcher
 from velda.server.dispatch import HandOver, LocalDispatch, Taken
 from velda.server.eager import start_now
+from velda.server.folders_ahead import FoldersAhead
 from velda.server.group_commit import GroupCommit, Joined
 from velda.server.notifier import Notifier
 from velda.server.recovery import Recovery
@@ -118,6 +119,7 @@ class Runtime:
         # with the pass that an exit among them asked for
         self.reports = GroupCommit(self._writing, self.space.keep, self._pass_with_reports)
         self.config_file = home / "velda.toml"  # where a fix to the pools goes (main sets it)
+        self.ahead: FoldersAhead | None = None  # folders made ahead of local starts (main)
         self.watcher = ConfigWatcher(self.config_file, config, self.apply_config)
 
     # --- pools
@@ -535,6 +537,12 @@ class Runtime:
             return
         if a_pass is not None:
             await self._launch_all(a_pass)
+        else:  # the queue waits: its head's folders can be made meanwhile
+            self._folders_ahead()
+
+    def _folders_ahead(self) -> None:
+        if self.ahead is not None:
+            self.ahead.refill(self.machine.queued)
 
     def _pass_with_reports(self) -> Joined | None:
         """The pass asked for at the end of this tick, written in the transaction of the
@@ -614,6 +622,7 @@ class Runtime:
             for task in started:
                 del self.launching[task.id]
             launched.set()
+        self._folders_ahead()
         if started:
             self.changed()
 
@@ -660,7 +669,9 @@ class Runtime:
 
     def launch_of(self, task: Task) -> Launch:
         directory = self.attempt_dir(task.id, task.attempt)
-        launches.make_attempt_dir(directory)
+        began = time.perf_counter()
+        if launches.make_attempt_dir(directory) and self.ahead is not None:
+            self.ahead.made(time.perf_counter() - began)
         pool = self.config.pool(task.pool) or self.pool(None)
         env = launches.task_env(task, pool, self.store.env_of(task.id),
                                 self.config.server_url or self.url, self.token_for(task.id))
@@ -980,6 +991,8 @@ class Runtime:
         future.add_done_callback(self._jobs.discard)
 
     async def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
         self.sampler.close()
         self.usage.close()
         self.space.close()
