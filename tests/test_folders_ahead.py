@@ -81,11 +81,12 @@ def test_folders_are_made_ahead_only_where_they_are_slow_to_make(tmp_path: Path)
     folders = FoldersAhead(tmp_path, ahead=4, slow_s=20e-6)
     try:
         queue = _queue((1, 0), (2, 0))
-        folders.made(5e-6)  # tmpfs
+        for seconds in (5e-6, 2e-3, 6e-6, 4e-6, 1e-3):  # tmpfs, preempted twice in a mkdir
+            folders.made(seconds)
         folders.refill(queue)
         time.sleep(0.2)
         assert not (tmp_path / "logs" / "1.1").exists()
-        for _ in range(3):
+        for _ in range(6):
             folders.made(300e-6)  # a disk that deleted many files lately
         folders.refill(queue)
         _eventually(lambda: _made(tmp_path / "logs", 2))

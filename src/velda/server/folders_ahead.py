@@ -10,8 +10,9 @@ server's child) makes those of the next `AHEAD` to start, on another core, while
 starts the ones before them.
 
 Only where it pays: on tmpfs a folder takes a few µs, less than the helper's share of the
-CPU costs the tasks beside it, so the helper is asked only while a folder the server made
-itself took `SLOW_S` or more (a running average; `VELDA_FOLDERS_AHEAD_FROM_S` sets another
+CPU costs the tasks beside it, so the helper is asked only while the folders the server made
+itself took `SLOW_S` or more (the median of the last `_SAMPLES`: a start the kernel preempted
+in its `mkdir` says nothing of the file system; `VELDA_FOLDERS_AHEAD_FROM_S` sets another
 bound, 0 for always).
 
 A start does not rely on it: it makes whatever is still missing (the folder if it is not
@@ -30,6 +31,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 
 from velda.engines.reaper import server_link
@@ -40,7 +42,7 @@ log = logging.getLogger("velda.server")
 
 AHEAD = 32  # folders made ahead of the local queue's head; refilled when half are used
 SLOW_S = 20e-6  # a folder that takes this long to make is worth making ahead
-_WEIGHT = 0.1  # of the latest folder in the running average
+_SAMPLES = 15  # folders the server made itself, timed
 _LOG_FILES = (b"stdout", b"stderr")
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
 
@@ -55,21 +57,23 @@ class FoldersAhead:
         self.slow_s = float(os.environ.get("VELDA_FOLDERS_AHEAD_FROM_S") or SLOW_S) \
             if slow_s is None else slow_s
         self.asked: set[int] = set()  # queued tasks whose folder the helper was asked for
-        self.cost = 0.0  # seconds a folder took the server to make (a running average)
+        self.made_in: deque[float] = deque(maxlen=_SAMPLES)  # seconds, the latest folders
+        self.slow = self.slow_s <= 0  # they took slow_s or more (the median)
         self._helper: subprocess.Popen[bytes] | None = None
         self._pipe: int | None = None
         self._gone = False  # it could not start, or went: starts make their own folders
 
     def made(self, seconds: float) -> None:
         """The server made an attempt's folder itself, in `seconds`."""
-        self.cost += (seconds - self.cost) * _WEIGHT
+        self.made_in.append(seconds)
+        self.slow = sorted(self.made_in)[len(self.made_in) // 2] >= self.slow_s
 
     def refill(self, queue: ReadyQueue) -> None:
         """Ask for the folders of the next `ahead` tasks of `queue`, once fewer than half of
         those asked for are still queued (the others started, or were cancelled), where
         folders are slow to make."""
         self.asked.intersection_update([t for t in self.asked if t in queue])
-        if (self._gone or self.cost < self.slow_s or len(self.asked) >= self.ahead // 2
+        if (self._gone or not self.slow or len(self.asked) >= self.ahead // 2
                 or len(queue) <= len(self.asked)):
             return
         with queue.scan() as ordered:
