@@ -105,14 +105,18 @@ class FoldersAhead:
     def _start(self) -> None:
         """The helper, in a session of its own (a Ctrl-C of a foreground server is not its
         to hear: it ends when its stdin closes), named to the reaper as no task of ours."""
-        reading, self._pipe = os.pipe()
-        os.set_blocking(self._pipe, False)
+        reading, writing = os.pipe()
         try:
             self._helper = subprocess.Popen(
                 [sys.executable, "-m", "velda.server.folders_ahead"], stdin=reading,
                 stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+        except BaseException:
+            os.close(writing)
+            raise
         finally:
             os.close(reading)
+        os.set_blocking(writing, False)
+        self._pipe = writing
         link = server_link()
         if link is not None:
             link.helper(self._helper.pid)
