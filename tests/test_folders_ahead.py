@@ -1,6 +1,7 @@
-"""Attempt folders made ahead (server/folders_ahead.py): a helper process makes the folders and
-empty log files of the next queued local tasks; a start that finds them uses them, and one
-that does not makes its own, so a helper that is gone costs nothing but time."""
+"""Attempt folders made ahead (server/folders_ahead.py): a helper process (folder_maker.py)
+makes the folders and empty log files of the next queued local tasks; a start that finds them
+uses them, and one that does not makes its own, so a helper that is gone costs nothing but
+time."""
 
 from __future__ import annotations
 
@@ -134,7 +135,7 @@ def test_queued_tasks_start_from_folders_made_ahead(velda: Velda) -> None:
         _eventually(lambda task_id=task_id: _made(logs, int(task_id)))
         assert velda.get(task_id)["status"] == "QUEUED"
     helper = _folder_maker(velda)
-    assert b"velda.server.folders_ahead" in Path(f"/proc/{helper}/cmdline").read_bytes()
+    assert b"velda.server.folder_maker" in Path(f"/proc/{helper}/cmdline").read_bytes()
     velda.run("velda", "task", "cancel", blocker, check=True)
     for n, task_id in enumerate(ids):
         assert velda.wait(task_id)["status"] == "SUCCESS"
@@ -165,7 +166,7 @@ def _folder_maker(velda: Velda) -> int:
     assert server is not None
     children = Path(f"/proc/{server}/task/{server}/children").read_text().split()
     makers = [int(pid) for pid in children
-              if b"folders_ahead" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+              if b"folder_maker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(makers) == 1, children
     return makers[0]
 

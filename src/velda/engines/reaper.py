@@ -10,7 +10,7 @@ file, as the wrapper would have; the next server finds them as it finds wrapped 
 
 The server tells the reaper, through a pipe, which attempt directory each pid is (`S DIR`
 before a spawn, `P PID` after it, `X` when it failed, `E PID` once the server reaped it), and
-which of its children is a helper, not a task (`H PID`: server/folders_ahead.py). The
+which of its children is a helper, not a task (`H PID`: server/folder_maker.py). The
 end of a task that ends while the server lives is read without reaping it (`WNOWAIT`,
 zombie.py), committed to the store with its CPU totals, and only then reaped: a kill between
 the two leaves a zombie for the reaper, never a lost status, and no file is written for it.

@@ -5,9 +5,8 @@ files in the spawned child while the server waits for it to exec. On a disk that
 largest part of a start after the exec itself: three new inodes, tens of µs on ext4, and
 hundreds after many files were deleted in the last minutes (README, "Performance"); more on
 a network file system. The server's one thread does nothing else meanwhile. So while tasks
-wait in the local queue, a helper process (`python -m velda.server.folders_ahead`, the
-server's child) makes those of the next `AHEAD` to start, on another core, while the server
-starts the ones before them.
+wait in the local queue, a helper process (folder_maker.py, the server's child) makes those
+of the next `AHEAD` to start, on another core, while the server starts the ones before them.
 
 Only where it pays: on tmpfs a folder takes a few µs, less than the helper's share of the
 CPU costs the tasks beside it, so the helper is asked only while the folders the server made
@@ -20,8 +19,6 @@ there, the files with O_CREAT), so a helper that falls behind or is gone costs t
 nothing else. A file it made is empty, made as the server would (0700 folder, 0600 files);
 making it again is harmless. A task cancelled while it was among the next `AHEAD` keeps its
 folder of empty files, which nothing reads.
-
-    python -m velda.server.folders_ahead     (reads folder paths, one a line, on stdin)
 """
 
 from __future__ import annotations
@@ -43,8 +40,6 @@ log = logging.getLogger("velda.server")
 AHEAD = 32  # folders made ahead of the local queue's head; refilled when half are used
 SLOW_S = 20e-6  # a folder that takes this long to make is worth making ahead
 _SAMPLES = 15  # folders the server made itself, timed
-_LOG_FILES = (b"stdout", b"stderr")
-_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
 
 
 class FoldersAhead:
@@ -108,7 +103,7 @@ class FoldersAhead:
         reading, writing = os.pipe()
         try:
             self._helper = subprocess.Popen(
-                [sys.executable, "-m", "velda.server.folders_ahead"], stdin=reading,
+                [sys.executable, "-m", "velda.server.folder_maker"], stdin=reading,
                 stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True)
         except BaseException:
             os.close(writing)
@@ -132,33 +127,3 @@ class FoldersAhead:
             except subprocess.TimeoutExpired:
                 self._helper.kill()
                 self._helper.wait()
-
-
-def make(folder: bytes) -> None:
-    """An attempt's folder and its empty log files, as a start makes them (launches.py)."""
-    try:
-        os.mkdir(folder, 0o700)
-    except FileExistsError:
-        pass
-    except FileNotFoundError:  # no logs/ yet: the server's first start makes it
-        return
-    for name in _LOG_FILES:
-        os.close(os.open(os.path.join(folder, name), _FLAGS, 0o600))
-
-
-def main() -> int:
-    """Make each folder named on stdin, until it closes. One that cannot be made is left
-    to its start, which says why if it cannot make it either."""
-    pending = b""
-    while data := os.read(0, 65536):
-        *folders, pending = (pending + data).split(b"\n")
-        for folder in folders:
-            try:
-                make(folder)
-            except OSError:
-                continue
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
