@@ -526,7 +526,8 @@ def flood(root: Path, name: str, n: int, submit: Callable[[Server], None]) -> di
     log(f"   {succeeded:,} succeeded")
     return {"accepted": n / posted, "rate": n / (end - start), "own": (own_after - own) / n,
             "waited": (waited_after - waited) / n, "running": running, "turn": turn,
-            "posted": posted, "ran": ran, "drain": (n - ran) / (end - start - posted)}
+            "posted": posted, "ran": ran,
+            "drain": (n - ran) / (end - start - posted) if ran < n else 0.0}
 
 
 def slot_cycle(rows: list[tuple[Any, ...]]) -> tuple[float, float]:
