@@ -176,3 +176,14 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+@pytest.mark.parametrize("name", ["VELDA_FOLDERS_AHEAD_FROM_S", "VELDA_CANCEL_GRACE_S"])
+def test_a_bad_duration_setting_stops_the_start_with_its_name(velda: Velda, name: str) -> None:
+    velda.env[name] = "soon"
+    started = velda.run("velda", "server", "start")
+    assert started.returncode != 0
+    assert "server.log" in started.stderr
+    log = (velda.home / "server.log").read_text()
+    assert f"velda: {name}='soon' is not a number of seconds\n" in log
+    assert "Traceback" not in log

@@ -18,7 +18,23 @@ _POOL_KEYS = {"engine", "cpus", "gpus", "memory", "resources", "capacity"}
 
 
 class ConfigError(ValueError):
-    """velda.toml says something velda cannot use."""
+    """velda.toml (or a VELDA_* setting in the server's environment) says something velda
+    cannot use."""
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A duration in seconds from the environment variable `name`; `default` where it is
+    unset or empty. A ConfigError naming it where it is not a number of seconds."""
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):  # NaN fails this too
+        raise ConfigError(f"{name}={text!r} is not a number of seconds")
+    return seconds
 
 
 def config_path(home: Path) -> Path | None:

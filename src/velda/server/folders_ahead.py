@@ -31,6 +31,7 @@ import sys
 from collections import deque
 from pathlib import Path
 
+from velda.config import env_seconds
 from velda.engines.reaper import server_link
 from velda.ready_queue import ReadyQueue
 from velda.server import launches
@@ -49,7 +50,7 @@ class FoldersAhead:
     def __init__(self, home: Path, ahead: int = AHEAD, slow_s: float | None = None) -> None:
         self.home = home
         self.ahead = ahead
-        self.slow_s = float(os.environ.get("VELDA_FOLDERS_AHEAD_FROM_S") or SLOW_S) \
+        self.slow_s = env_seconds("VELDA_FOLDERS_AHEAD_FROM_S", SLOW_S) \
             if slow_s is None else slow_s
         self.asked: set[int] = set()  # queued tasks whose folder the helper was asked for
         self.made_in: deque[float] = deque(maxlen=_SAMPLES)  # seconds, the latest folders
@@ -67,7 +68,7 @@ class FoldersAhead:
         """Ask for the folders of the next `ahead` tasks of `queue`, once fewer than half of
         those asked for are still queued (the others started, or were cancelled), where
         folders are slow to make."""
-        self.asked.intersection_update([t for t in self.asked if t in queue])
+        self.asked = {t for t in self.asked if t in queue}
         if (self._gone or not self.slow or len(self.asked) >= self.ahead // 2
                 or len(queue) <= len(self.asked)):
             return

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Iterator
@@ -20,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from velda.config import Config
+from velda.config import Config, env_seconds
 from velda.engines import REGISTRY, Engines, Registry
 from velda.engines.base import (
     Engine,
@@ -111,7 +110,7 @@ class Runtime:
         self._pass_waits = False  # ... and it waits out a burst of submits
         self.bursts = SubmitBursts()  # a pass waits out a burst of submits
         self._jobs: set[asyncio.Task[None]] = set()
-        self.cancel_grace_s = float(os.environ.get("VELDA_CANCEL_GRACE_S") or CANCEL_GRACE_S)
+        self.cancel_grace_s = env_seconds("VELDA_CANCEL_GRACE_S", CANCEL_GRACE_S)
         self.deadlines: dict[int, asyncio.TimerHandle] = {}  # cancelled tasks' last moment
         self.launching: dict[int, asyncio.Event] = {}  # handed to an engine still taking them
         self.space = Space(home, self.request_schedule)  # writes waiting for a full disk
