@@ -820,6 +820,9 @@ def bench_synthetic(root: Path, sizes: Sizes) -> list[Row]:
         Row(f"submit in the server, {running} (median)", ms(r["submit_busy"]),
             f"nothing running {ms(r['submit_idle'])}", "unchanged",
             verdict(r["submit_busy"] <= 1.5 * r["submit_idle"])),
+        Row(f"one scheduling pass, {r['queued']:,.0f} queued behind a pool at its `capacity` "
+            "(median)", ms(r["pass_backlog"]), f"nothing running {ms(r['pass_idle'])}",
+            "≤ 5 ms", verdict(r["pass_backlog"] <= 0.005)),
     ]
 
 

@@ -4,7 +4,9 @@
 synthetic local engine whose attempts "run" as soon as they start and never end. N tasks are
 submitted and started; then, with N running, one scheduling pass that starts one more task,
 and submits, are timed against the same with nothing running. No processes, no HTTP: what the
-lifecycle itself costs as the number of running tasks grows.
+lifecycle itself costs as the number of running tasks grows. Then the same pass with N tasks
+queued behind a pool that runs one at a time (`capacity = 1`, its slot taken) while the
+machine has CPUs free for the task the pass starts.
 """
 
 from __future__ import annotations
@@ -73,20 +75,25 @@ class SyntheticEngine:
         return None
 
 
-def _request(i: int) -> SubmitRequest:
-    return SubmitRequest(command=["true"], name=f"t{i}", cwd="/", env={"PATH": "/bin"})
+ONE_AT_A_TIME = Pool("one", "local", Resources(cpus=1), capacity=1)
 
 
-async def _fill(runtime: Runtime, n: int, step: int = 1000) -> None:
+def _request(i: int, pool: str | None = None) -> SubmitRequest:
+    return SubmitRequest(command=["true"], name=f"t{i}", cwd="/", env={"PATH": "/bin"},
+                         pool=pool)
+
+
+async def _fill(runtime: Runtime, n: int, step: int = 1000, pool: str | None = None) -> None:
     for start in range(0, n, step):
-        await runtime.submit_many([_request(i) for i in range(start, min(n, start + step))],
-                                  None)
+        await runtime.submit_many(
+            [_request(i, pool) for i in range(start, min(n, start + step))], None)
         await runtime.schedule_once()
         runtime.settle()
 
 
 async def _timed_pass(runtime: Runtime) -> tuple[float, float]:
-    """Seconds to submit one task, and of the scheduling pass that starts it."""
+    """Seconds to submit one task (of the default pool), and of the scheduling pass that
+    starts it."""
     started = time.perf_counter()
     await runtime.submit(_request(-1), None)
     submitted = time.perf_counter()
@@ -113,5 +120,21 @@ async def measure(root: Path, running: int, samples: int = 50) -> dict[str, floa
     }
 
 
+async def measure_backlog(root: Path, queued: int, samples: int = 50) -> dict[str, float]:
+    """Median scheduling pass with `queued` tasks waiting for the one slot of a pool, the
+    machine's CPUs free for others, and how many of them still wait."""
+    runtime = Runtime(root, Config(pools={ONE_AT_A_TIME.name: ONE_AT_A_TIME}),
+                      SqliteStore(root / "velda.db"), lambda i: f"t{i}",
+                      local=lambda events: SyntheticEngine(events, 2 * samples + 10))
+    await _fill(runtime, queued + 1, pool=ONE_AT_A_TIME.name)
+    passes = [(await _timed_pass(runtime))[1] for _ in range(samples)]
+    counts = runtime.store.status_counts()
+    await runtime.close()
+    return {"pass_backlog": statistics.median(passes), "queued": float(counts.get("QUEUED", 0))}
+
+
 def run(root: Path, running: int) -> dict[str, float]:
-    return asyncio.run(measure(root, running))
+    for part in ("running", "backlog"):
+        (root / part).mkdir(mode=0o700)
+    measured = asyncio.run(measure(root / "running", running))
+    return {**measured, **asyncio.run(measure_backlog(root / "backlog", running))}

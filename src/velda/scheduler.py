@@ -5,7 +5,7 @@ No I/O, no clocks: the server hands in the queue and what is free, and gets back
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from velda.models import Allocation, Resources
@@ -39,7 +39,8 @@ class Placement:
 
 
 def schedule(
-    queue: Iterable[Request], capacity: Capacity, reserving: list[int] | None = None
+    queue: Iterable[Request], capacity: Capacity, reserving: list[int] | None = None,
+    skip: Callable[[str], None] = lambda pool: None,
 ) -> list[Placement]:
     """Decide which queued tasks start now.
 
@@ -54,19 +55,25 @@ def schedule(
        smaller tasks behind it cannot starve it; its ID is added to `reserving`, if given. One
        held back by its pool's slot limit (`capacity` in velda.toml) holds that pool's
        remaining slots the same way, and takes nothing from other pools.
+    4. `skip(pool)` is told of each pool with no slot left in this pass: the queue may leave
+       out the rest of its requests, which would be refused (ready_queue.py does, so that a
+       long queue behind a full pool costs a pass nothing).
     """
     placements: list[Placement] = []
     reserved = Resources()
     slots = dict(capacity.pool_slots)
+    _skip_full(slots, slots, skip)
     for group in _gangs(queue):
         if not _slots_left(group, slots):
             for request in group:
                 slots[request.pool] = 0
+            _skip_full(_pools(group), slots, skip)
             continue
         total = _sum(r.need for r in group)
         room = capacity.free - reserved
         if total.fits_in(room) and total.gpus <= len(capacity.free_gpus):
             placements += [_take(r, capacity, slots) for r in group]
+            _skip_full(_pools(group), slots, skip)
         else:
             held = _clamp_non_negative(room).clamp(total)
             if reserving is not None and (held.cpus > 1e-9 or held.gpus):
@@ -75,6 +82,16 @@ def schedule(
         if _nothing_left(capacity.free - reserved):
             break
     return placements
+
+
+def _pools(group: list[Request]) -> set[str]:
+    return {request.pool for request in group}
+
+
+def _skip_full(pools: Iterable[str], slots: dict[str, int], skip: Callable[[str], None]) -> None:
+    for pool in pools:
+        if slots.get(pool, 1) <= 0:
+            skip(pool)
 
 
 def _nothing_left(room: Resources) -> bool:

@@ -61,7 +61,7 @@ class LocalDispatch:
         if not self.queued:
             return []
         with self.queued.scan() as queue:
-            placements = schedule(queue, self.free_capacity(), self.reserving)
+            placements = schedule(queue, self.free_capacity(), self.reserving, queue.skip)
         return [(p.task_id, p.allocation) for p in placements]
 
     def started(self, taken: Taken) -> None:
