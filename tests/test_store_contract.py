@@ -165,7 +165,8 @@ def test_children_counts_and_tree(store: Store) -> None:
     assert counts[root] == Children(total=2, skipped=1, running=1)
     assert counts[kid] == Children(total=3, succeeded=1, failed=1, queued=1)
     assert counts[other] == Children()
-    assert store.open_children_count(root) == 1
+    assert store.has_open_children(root) and store.has_open_children(kid)
+    assert not store.has_open_children(other) and not store.has_open_children(kid + 1)
     assert store.subtree_counts(root) == Children(
         total=5, succeeded=1, failed=1, skipped=1, running=1, queued=1
     )

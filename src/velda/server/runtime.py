@@ -367,7 +367,7 @@ class Runtime:
     def _step(self, task: Task) -> list[int]:
         if task.status == S.PENDING:
             return self._advance(task)
-        if task.status == S.RUNNING_SUBTASKS and not self.store.open_children_count(task.id):
+        if task.status == S.RUNNING_SUBTASKS and not self.store.has_open_children(task.id):
             return self._finalize(task, self._settled_status(task))
         return []
 
@@ -765,7 +765,7 @@ class Runtime:
         """It waits for its open children, or (most often: it has none) becomes final now:
         either way the exit's `ended` fields go in the same one write."""
         task.status = S.RUNNING_SUBTASKS
-        if self.store.open_children_count(task.id):
+        if self.store.has_open_children(task.id):
             self.store.update(task, "status", *ended)
         else:
             self.cascade(self._finalize(task, self._settled_status(task), ended))

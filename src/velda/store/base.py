@@ -80,8 +80,9 @@ class Store(Protocol):
     def children(self, parent_id: int) -> list[Task]:
         """The children of `parent_id`, by ID."""
 
-    def open_children_count(self, parent_id: int) -> int:
-        """How many children of `parent_id` are not final."""
+    def has_open_children(self, parent_id: int) -> bool:
+        """Whether a child of `parent_id` is not final (a lookup for each open state, not a
+        count of all its children: it is asked at each child's end)."""
 
     def children_counts(self, parent_ids: list[int]) -> dict[int, Children]:
         """For each of `parent_ids` (those without children too), its children by state."""

@@ -177,8 +177,8 @@ class MemoryStore:
     def children(self, parent_id: int) -> list[Task]:
         return [_out(t) for t in self._children(parent_id)]
 
-    def open_children_count(self, parent_id: int) -> int:
-        return sum(t.status not in FINAL_STATES for t in self._children(parent_id))
+    def has_open_children(self, parent_id: int) -> bool:
+        return any(t.status not in FINAL_STATES for t in self._children(parent_id))
 
     def children_counts(self, parent_ids: list[int]) -> dict[int, Children]:
         counts = {p: Children() for p in parent_ids}

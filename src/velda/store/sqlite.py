@@ -32,6 +32,8 @@ from velda.store.base import AttemptRecord
 _SQLITE_FULL = 13  # the primary result code of "database or disk is full"
 _SQLITE_IOERR_SHMSIZE = 4874  # no room for the WAL's shared-memory file
 _FINAL_SQL = ",".join(f"'{s.value}'" for s in FINAL_STATES)
+# the others, named: a lookup of each in an index beside parent_id, where NOT IN reads them all
+_OPEN_SQL = ",".join(f"'{s.value}'" for s in TaskStatus if s not in FINAL_STATES)
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS tasks (
@@ -476,12 +478,12 @@ class SqliteStore:
         ).fetchall()
         return [_decode(r) for r in rows]
 
-    def open_children_count(self, parent_id: int) -> int:
+    def has_open_children(self, parent_id: int) -> bool:
         row = self.db.execute(
-            f"SELECT COUNT(*) FROM tasks WHERE parent_id=? AND status NOT IN ({_FINAL_SQL})",
-            (parent_id,),
+            "SELECT EXISTS (SELECT 1 FROM tasks WHERE parent_id=? AND status IN "
+            f"({_OPEN_SQL}))", (parent_id,),
         ).fetchone()
-        return int(row[0])
+        return bool(row[0])
 
     def children_counts(self, parent_ids: list[int]) -> dict[int, Children]:
         counts = {p: Children() for p in parent_ids}
