@@ -542,18 +542,27 @@ for start in range(0, n, 1000):
 
 def fan_out(root: Path, n: int) -> float:
     """Tasks a second of a fan-out: one task submits n × true as its children, 1,000 a
-    request, and ends; the rate is taken to the end of its last child, when it is final."""
+    request, and ends."""
     script = root / "s3-fan-out.py"
     script.write_text(FAN_OUT)
-    with running_server(root, "s3f") as server:
+    return n / until_final(root, "s3f", submit_body([sys.executable, str(script), str(n)]))
+
+
+def shard_set(root: Path, n: int) -> float:
+    """Tasks a second of `vbatch -N n true`: one submit."""
+    return n / until_final(root, "s3n", {**submit_body(["true"]), "total_shards": n})
+
+
+def until_final(root: Path, name: str, body: dict[str, Any]) -> float:
+    """Seconds from submitting `body` to a new server to the task's end (a parent's ends
+    after its last child's), which must be a success."""
+    with running_server(root, name) as server:
         started = time.time()
-        parent = Api(server).call(
-            "POST", "/api/v1/tasks", submit_body([sys.executable, str(script), str(n)]))["id"]
-        status = server.wait_final(parent, poll_s=0.01)
+        task = Api(server).call("POST", "/api/v1/tasks", body)["id"]
+        status = server.wait_final(task, poll_s=0.01)
         if status != "SUCCESS":
-            raise RuntimeError(f"the fan-out's task ended {status}")
-        end = server.sql("SELECT resolved_at FROM tasks WHERE id=?", parent)[0][0]
-    return n / (end - started)
+            raise RuntimeError(f"task {task} of {name} ended {status}")
+        return float(server.sql("SELECT resolved_at FROM tasks WHERE id=?", task)[0][0]) - started
 
 
 def slot_cycle(rows: list[tuple[Any, ...]]) -> tuple[float, float]:
@@ -584,6 +593,8 @@ def bench_flood(root: Path, sizes: Sizes, submitters: int = 4, batch: int = 1000
     bulk = flood(root, "s3b", n, lambda server: submit_in_batches(server, n, batch))
     log(f"   the same as one task's children (a fan-out), {batch:,} a request")
     fanned = fan_out(root, n)
+    log(f"   the same as one shard set (vbatch -N {n:,} true)")
+    sharded = shard_set(root, n)
     log(f"   {n // 2:,} submits, one a request, that wait on a running task (none starts)")
     held, held_cpu = held_submits(root, n // 2, submitters)
     log(f"   {n // 2:,} the same to the HTTP stack alone; {n // 2:,} rows alone in the store")
@@ -603,6 +614,8 @@ def bench_flood(root: Path, sizes: Sizes, submitters: int = 4, batch: int = 1000
             "≥ 1,000/s", verdict(bulk["rate"] >= 1000)),
         Row(f"  the same as the children of one task that ends first (a fan-out), {batch:,} "
             "a request", f"{fanned:,.0f}/s", f"at the top level {bulk['rate']:,.0f}/s"),
+        Row(f"  the same as one shard set (`vbatch -N {n:,} true`)", f"{sharded:,.0f}/s",
+            f"at the top level {bulk['rate']:,.0f}/s"),
         Row("  end to end against xargs -P2 (ratio, the better of the two)",
             f"{best / xargs_rate:.2f}×", f"xargs -P2 {xargs_rate:,.0f}/s", "≥ 0.55×",
             verdict(best / xargs_rate >= 0.55)),
