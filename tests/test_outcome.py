@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from velda.models import Children
 from velda.models import DependencyKind as K
 from velda.models import TaskStatus as S
 from velda.outcome import Verdict as V
@@ -38,8 +39,16 @@ def test_one_dependency_that_cannot_be_met_decides_at_once() -> None:
     assert combine([]) == V.MET
 
 
+def children(*statuses: S) -> Children:
+    counted = Children()
+    for status in statuses:
+        counted.count(status)
+    return counted
+
+
 def test_parent_outcome() -> None:
-    assert resolved_status(True, [S.SUCCESS, S.SKIPPED]) == S.SUCCESS
-    assert resolved_status(True, [S.SUCCESS, S.FAILED_UPSTREAM]) == S.FAILURE
-    assert resolved_status(False, [S.SUCCESS]) == S.FAILURE  # its own exit code counts
-    assert resolved_status(True, []) == S.SUCCESS
+    assert resolved_status(True, children(S.SUCCESS, S.SKIPPED)) == S.SUCCESS
+    assert resolved_status(True, children(S.SUCCESS, S.FAILED_UPSTREAM)) == S.FAILURE
+    assert resolved_status(True, children(S.SUCCESS, S.CANCELLED)) == S.FAILURE
+    assert resolved_status(False, children(S.SUCCESS)) == S.FAILURE  # its own exit code counts
+    assert resolved_status(True, children()) == S.SUCCESS

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from enum import StrEnum
 
-from velda.models import DependencyKind, TaskStatus
+from velda.models import Children, DependencyKind, TaskStatus
 
 S = TaskStatus
 
@@ -59,7 +59,8 @@ def combine(verdicts: Iterable[Verdict]) -> Verdict:
     return Verdict.MET
 
 
-def resolved_status(own_succeeded: bool, children: Iterable[TaskStatus]) -> TaskStatus:
-    """The final status of a task whose own command ended and whose children are all final."""
-    fine = own_succeeded and all(c in (S.SUCCESS, S.SKIPPED) for c in children)
+def resolved_status(own_succeeded: bool, children: Children) -> TaskStatus:
+    """The final status of a task whose own command ended and whose children are all final:
+    fine when each of them succeeded or was skipped."""
+    fine = own_succeeded and children.succeeded + children.skipped == children.total
     return S.SUCCESS if fine else S.FAILURE

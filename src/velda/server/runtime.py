@@ -449,8 +449,8 @@ class Runtime:
     def _settled_status(self, task: Task) -> TaskStatus:
         if task.cancel_requested:
             return S.CANCELLED
-        children = [c.status for c in self.store.children(task.id)]
-        return resolved_status(task.own_succeeded, children)
+        # counted in the store's index: a parent of 10,000 children read whole stalled 0.1 s
+        return resolved_status(task.own_succeeded, self.store.children_counts([task.id])[task.id])
 
     def _finalize(self, task: Task, status: TaskStatus, also: tuple[str, ...] = ()) -> list[int]:
         """The one place a task becomes final; `also`: fields of it changed just before, to
