@@ -540,12 +540,13 @@ for start in range(0, n, 1000):
 """
 
 
-def fan_out(root: Path, n: int) -> float:
+def fan_out(root: Path, n: int, watched: bool = False) -> float:
     """Tasks a second of a fan-out: one task submits n × true as its children, 1,000 a
-    request, and ends."""
+    request, and ends; `watched`: with `velda task watch` following it meanwhile."""
     script = root / "s3-fan-out.py"
     script.write_text(FAN_OUT)
-    return n / until_final(root, "s3f", submit_body([sys.executable, str(script), str(n)]))
+    body = submit_body([sys.executable, str(script), str(n)])
+    return n / until_final(root, "s3w" if watched else "s3f", body, watched)
 
 
 def shard_set(root: Path, n: int) -> float:
@@ -553,13 +554,18 @@ def shard_set(root: Path, n: int) -> float:
     return n / until_final(root, "s3n", {**submit_body(["true"]), "total_shards": n})
 
 
-def until_final(root: Path, name: str, body: dict[str, Any]) -> float:
+def until_final(root: Path, name: str, body: dict[str, Any], watched: bool = False) -> float:
     """Seconds from submitting `body` to a new server to the task's end (a parent's ends
-    after its last child's), which must be a success."""
+    after its last child's), which must be a success; `watched`: followed meanwhile by
+    `velda task watch`."""
     with running_server(root, name) as server:
         started = time.time()
         task = Api(server).call("POST", "/api/v1/tasks", body)["id"]
+        watch = subprocess.Popen([VELDA, "task", "watch", str(task)], env=server.env,
+                                 stdout=subprocess.DEVNULL) if watched else None
         status = server.wait_final(task, poll_s=0.01)
+        if watch is not None and watch.wait(timeout=60):
+            raise RuntimeError(f"velda task watch {task} of {name} exited {watch.returncode}")
         if status != "SUCCESS":
             raise RuntimeError(f"task {task} of {name} ended {status}")
         return float(server.sql("SELECT resolved_at FROM tasks WHERE id=?", task)[0][0]) - started
@@ -593,6 +599,8 @@ def bench_flood(root: Path, sizes: Sizes, submitters: int = 4, batch: int = 1000
     bulk = flood(root, "s3b", n, lambda server: submit_in_batches(server, n, batch))
     log(f"   the same as one task's children (a fan-out), {batch:,} a request")
     fanned = fan_out(root, n)
+    log("   the same fan-out, with velda task watch following it")
+    fanned_watched = fan_out(root, n, watched=True)
     log(f"   the same as one shard set (vbatch -N {n:,} true)")
     sharded = shard_set(root, n)
     log(f"   {n // 2:,} submits, one a request, that wait on a running task (none starts)")
@@ -614,6 +622,8 @@ def bench_flood(root: Path, sizes: Sizes, submitters: int = 4, batch: int = 1000
             "≥ 1,000/s", verdict(bulk["rate"] >= 1000)),
         Row(f"  the same as the children of one task that ends first (a fan-out), {batch:,} "
             "a request", f"{fanned:,.0f}/s", f"at the top level {bulk['rate']:,.0f}/s"),
+        Row("    the same, followed by `velda task watch` meanwhile", f"{fanned_watched:,.0f}/s",
+            "—"),
         Row(f"  the same as one shard set (`vbatch -N {n:,} true`)", f"{sharded:,.0f}/s",
             f"at the top level {bulk['rate']:,.0f}/s"),
         Row("  end to end against xargs -P2 (ratio, the better of the two)",

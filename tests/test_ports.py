@@ -46,13 +46,15 @@ def server_url(velda: Velda) -> str:
 
 def task_token(velda: Velda, task_id: str) -> str:
     """The VELDA_TOKEN a running local task was given (velda keeps it out of the stored
-    environment), read from its process's environment."""
+    environment), read from its process's environment (the task of that ID of this test's
+    server: another server on the machine may run one of the same ID)."""
+    ours = {b"VELDA_TASK_ID": task_id.encode(), b"VELDA_SERVER": server_url(velda).encode()}
     for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
             pairs = dict(v.partition(b"=")[::2] for v in environ.read_bytes().split(b"\0"))
         except OSError:
             continue
-        if pairs.get(b"VELDA_TASK_ID") == task_id.encode() and b"VELDA_TOKEN" in pairs:
+        if ours.items() <= pairs.items() and b"VELDA_TOKEN" in pairs:
             return pairs[b"VELDA_TOKEN"].decode()
     raise AssertionError(f"no process of task {task_id} found")
 
