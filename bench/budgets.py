@@ -479,6 +479,7 @@ def xargs_baseline(n: int, wrapped_in: Path | None = None) -> tuple[float, float
     return n / (time.perf_counter() - started), (children_cpu() - cpu) / n
 
 
+BESIDE = 16  # tasks followed while a fan-out runs: a pipeline's `vrun`s, on a larger machine
 SLOW_FILES_S = 0.0001  # tmpfs takes 0.015 ms, a quiet ext4 disk 0.02 to 0.06 ms
 
 
@@ -540,35 +541,53 @@ for start in range(0, n, 1000):
 """
 
 
-def fan_out(root: Path, n: int, watched: bool = False) -> float:
+def fan_out(root: Path, name: str, n: int, watched: bool = False, beside: int = 0) -> float:
     """Tasks a second of a fan-out: one task submits n × true as its children, 1,000 a
-    request, and ends; `watched`: with `velda task watch` following it meanwhile."""
+    request, and ends; `watched`: with `velda task watch` following it meanwhile; `beside`:
+    that many other tasks running meanwhile, each followed by `velda task log -f`."""
     script = root / "s3-fan-out.py"
     script.write_text(FAN_OUT)
     body = submit_body([sys.executable, str(script), str(n)])
-    return n / until_final(root, "s3w" if watched else "s3f", body, watched)
+    # the followed tasks sleep on CPUs of their own, beside the machine's
+    config = f"[local]\ncpus = {(os.cpu_count() or 1) + beside}\n" if beside else None
+    with running_server(root, name, config) as server:
+        followers = [follow_log(server, "sleep", "600") for _ in range(beside)]
+        try:
+            return n / until_final(server, body, watched)
+        finally:
+            for follower in followers:
+                follower.terminate()
+                follower.wait()
+
+
+def follow_log(server: Server, *command: str) -> subprocess.Popen[bytes]:
+    """`velda task log -f` of a new task running `command`, once it runs."""
+    task = Api(server).call("POST", "/api/v1/tasks", submit_body(list(command)))["id"]
+    while server.sql("SELECT status FROM tasks WHERE id=?", task)[0][0] != "RUNNING":
+        time.sleep(0.01)
+    return subprocess.Popen([VELDA, "task", "log", "-f", str(task)], env=server.env,
+                            stdout=subprocess.DEVNULL)
 
 
 def shard_set(root: Path, n: int) -> float:
     """Tasks a second of `vbatch -N n true`: one submit."""
-    return n / until_final(root, "s3n", {**submit_body(["true"]), "total_shards": n})
+    with running_server(root, "s3n") as server:
+        return n / until_final(server, {**submit_body(["true"]), "total_shards": n})
 
 
-def until_final(root: Path, name: str, body: dict[str, Any], watched: bool = False) -> float:
-    """Seconds from submitting `body` to a new server to the task's end (a parent's ends
-    after its last child's), which must be a success; `watched`: followed meanwhile by
-    `velda task watch`."""
-    with running_server(root, name) as server:
-        started = time.time()
-        task = Api(server).call("POST", "/api/v1/tasks", body)["id"]
-        watch = subprocess.Popen([VELDA, "task", "watch", str(task)], env=server.env,
-                                 stdout=subprocess.DEVNULL) if watched else None
-        status = server.wait_final(task, poll_s=0.01)
-        if watch is not None and watch.wait(timeout=60):
-            raise RuntimeError(f"velda task watch {task} of {name} exited {watch.returncode}")
-        if status != "SUCCESS":
-            raise RuntimeError(f"task {task} of {name} ended {status}")
-        return float(server.sql("SELECT resolved_at FROM tasks WHERE id=?", task)[0][0]) - started
+def until_final(server: Server, body: dict[str, Any], watched: bool = False) -> float:
+    """Seconds from submitting `body` to the task's end (a parent's ends after its last
+    child's), which must be a success; `watched`: followed meanwhile by `velda task watch`."""
+    started = time.time()
+    task = Api(server).call("POST", "/api/v1/tasks", body)["id"]
+    watch = subprocess.Popen([VELDA, "task", "watch", str(task)], env=server.env,
+                             stdout=subprocess.DEVNULL) if watched else None
+    status = server.wait_final(task, poll_s=0.01)
+    if watch is not None and watch.wait(timeout=60):
+        raise RuntimeError(f"velda task watch {task} exited {watch.returncode}")
+    if status != "SUCCESS":
+        raise RuntimeError(f"task {task} ended {status}")
+    return float(server.sql("SELECT resolved_at FROM tasks WHERE id=?", task)[0][0]) - started
 
 
 def slot_cycle(rows: list[tuple[Any, ...]]) -> tuple[float, float]:
@@ -598,9 +617,11 @@ def bench_flood(root: Path, sizes: Sizes, submitters: int = 4, batch: int = 1000
     log(f"   the same, {batch:,} tasks a request (POST /api/v1/tasks:batch)")
     bulk = flood(root, "s3b", n, lambda server: submit_in_batches(server, n, batch))
     log(f"   the same as one task's children (a fan-out), {batch:,} a request")
-    fanned = fan_out(root, n)
+    fanned = fan_out(root, "s3f", n)
     log("   the same fan-out, with velda task watch following it")
-    fanned_watched = fan_out(root, n, watched=True)
+    fanned_watched = fan_out(root, "s3w", n, watched=True)
+    log(f"   the same fan-out, beside {BESIDE} other tasks each followed by velda task log -f")
+    fanned_beside = fan_out(root, "s3l", n, beside=BESIDE)
     log(f"   the same as one shard set (vbatch -N {n:,} true)")
     sharded = shard_set(root, n)
     log(f"   {n // 2:,} submits, one a request, that wait on a running task (none starts)")
@@ -624,6 +645,8 @@ def bench_flood(root: Path, sizes: Sizes, submitters: int = 4, batch: int = 1000
             "a request", f"{fanned:,.0f}/s", f"at the top level {bulk['rate']:,.0f}/s"),
         Row("    the same, followed by `velda task watch` meanwhile", f"{fanned_watched:,.0f}/s",
             "—"),
+        Row(f"    the same, beside {BESIDE} other tasks followed by `velda task log -f`",
+            f"{fanned_beside:,.0f}/s", "—"),
         Row(f"  the same as one shard set (`vbatch -N {n:,} true`)", f"{sharded:,.0f}/s",
             f"at the top level {bulk['rate']:,.0f}/s"),
         Row("  end to end against xargs -P2 (ratio, the better of the two)",

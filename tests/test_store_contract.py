@@ -316,3 +316,16 @@ def test_counts_by_status_and_pool(store: Store) -> None:
     _add(store, pool="gpu", status=TaskStatus.QUEUED)
     assert store.status_counts() == {"RUNNING": 2, "QUEUED": 1}
     assert store.pool_counts() == {"cpu": {"RUNNING": 2}, "gpu": {"QUEUED": 1}}
+
+
+def test_changes_name_the_tasks_whose_rows_were_written(store: Store) -> None:
+    waiting, queued, running, other = (_add(store) for _ in range(4))
+    store.changes.take()  # new tasks are no change of a row anyone follows
+    store.update(_get(store, running), "status")
+    assert store.changes.take() == {running}
+    assert store.changes.take() == set()  # taken once
+    store.queue_pending([queued])
+    store.request_cancel([other])
+    assert store.changes.take() == {queued, other}
+    store.cancel_waiting([waiting, queued], now=1.0)
+    assert store.changes.take() == {waiting, queued}

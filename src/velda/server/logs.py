@@ -46,17 +46,17 @@ async def stream_file(
     runtime: Runtime, task_id: int, attempt: int, stream: str, offset: int, follow: bool
 ) -> AsyncIterator[bytes]:
     path = runtime.attempt_dir(task_id, attempt) / stream
-    version = runtime.notifier.version
-    while True:
-        task = runtime.store.get(task_id)
-        data = _read(path, offset)
-        if data:
-            offset += len(data)
-            yield data
-            continue
-        if not follow or task is None or _attempt_done(task, attempt):
-            return
-        version = await runtime.notifier.wait(version, POLL_S)
+    with runtime.notifier.watching(task_id) as watch:
+        while True:
+            task = runtime.store.get(task_id)
+            data = _read(path, offset)
+            if data:
+                offset += len(data)
+                yield data
+                continue
+            if not follow or task is None or _attempt_done(task, attempt):
+                return
+            await watch.wait(POLL_S)
 
 
 async def stream_combined(
@@ -85,19 +85,19 @@ def combined_length(runtime: Runtime, task: Task, attempt: int) -> int:
 async def _merged(
     runtime: Runtime, combined: Combined, task_id: int, attempt: int, offset: int, follow: bool
 ) -> AsyncIterator[tuple[str, bytes]]:
-    version = runtime.notifier.version
-    while True:
-        task = runtime.store.get(task_id)
-        done = task is None or _attempt_done(task, attempt)
-        offset = combined.skip(offset, done)
-        pieces = [] if offset else combined.read(to_end=done)
-        for piece in pieces:
-            yield piece
-        if pieces:
-            continue
-        if done or not follow:
-            return
-        version = await runtime.notifier.wait(version, POLL_S)
+    with runtime.notifier.watching(task_id) as watch:
+        while True:
+            task = runtime.store.get(task_id)
+            done = task is None or _attempt_done(task, attempt)
+            offset = combined.skip(offset, done)
+            pieces = [] if offset else combined.read(to_end=done)
+            for piece in pieces:
+                yield piece
+            if pieces:
+                continue
+            if done or not follow:
+                return
+            await watch.wait(POLL_S)
 
 
 def _attempt_done(task: Task, attempt: int) -> bool:
@@ -164,34 +164,34 @@ async def _multiplex(
     offsets = {"stdout": resume[1], "stderr": resume[2]} if resume else {"stdout": 0, "stderr": 0}
     last_seen: tuple[object, ...] | None = None
     status_last = False  # was the last frame a status frame?
-    version = runtime.notifier.version
-    while True:
-        task = runtime.store.get(task_id)
-        if task is None:
-            return
-        frames = _new_output(runtime, task_id, current, offsets, here)
-        moved = bool(frames)
-        for frame in frames:
-            status_last = False
-            yield frame
-        seen = (task.status, task.attempt, task.finished_at)
-        ending = not moved and (not follow or task.status.is_final())
-        if seen != last_seen or (ending and not status_last):
-            last_seen, status_last = seen, True
-            yield _frame("s", json.dumps(task_detail(task, runtime.store)).encode())
-        if moved:
-            if here:  # the client reads what these frames name: give the writer a moment
-                version = await runtime.notifier.wait(version, HERE_POLL_S)
-            continue
-        if attempt is None and task.attempt > current:
-            current, offsets = current + 1, {"stdout": 0, "stderr": 0}
-            if resume:
-                yield _frame("a", str(current).encode())
-            continue
-        if ending:
-            return
-        poll = POLL_S if task.terminal is None else TERMINAL_POLL_S
-        version = await runtime.notifier.wait(version, poll)
+    with runtime.notifier.watching(task_id) as watch:
+        while True:
+            task = runtime.store.get(task_id)
+            if task is None:
+                return
+            frames = _new_output(runtime, task_id, current, offsets, here)
+            moved = bool(frames)
+            for frame in frames:
+                status_last = False
+                yield frame
+            seen = (task.status, task.attempt, task.finished_at)
+            ending = not moved and (not follow or task.status.is_final())
+            if seen != last_seen or (ending and not status_last):
+                last_seen, status_last = seen, True
+                yield _frame("s", json.dumps(task_detail(task, runtime.store)).encode())
+            if moved:
+                if here:  # the client reads what these frames name: give the writer a moment
+                    await watch.wait(HERE_POLL_S)
+                continue
+            if attempt is None and task.attempt > current:
+                current, offsets = current + 1, {"stdout": 0, "stderr": 0}
+                if resume:
+                    yield _frame("a", str(current).encode())
+                continue
+            if ending:
+                return
+            poll = POLL_S if task.terminal is None else TERMINAL_POLL_S
+            await watch.wait(poll)
 
 
 async def task_events(

@@ -1004,7 +1004,8 @@ class Runtime:
     # --- notifications
 
     def changed(self) -> None:
-        self.notifier.bump()
+        """Wake those that follow: event streams, and followers of the tasks written."""
+        self.notifier.bump(self.store.changes.take())
 
 
 class Pass:

@@ -18,6 +18,22 @@ from typing import Any, Protocol
 from velda.models import Children, Dependency, DependencyKind, Task, TaskStatus
 
 
+class ChangeLog:
+    """The IDs of the tasks whose rows a store changed, kept until the server takes them to
+    wake whoever follows those tasks (server/notifier.py). A change rolled back stays noted:
+    it wakes a follower for nothing, never the other way round."""
+
+    def __init__(self) -> None:
+        self._ids: set[int] = set()
+
+    def note(self, ids: Iterable[int]) -> None:
+        self._ids.update(ids)
+
+    def take(self) -> set[int]:
+        ids, self._ids = self._ids, set()
+        return ids
+
+
 @dataclass(frozen=True)
 class AttemptRecord:
     started_at: float | None
@@ -25,6 +41,8 @@ class AttemptRecord:
 
 
 class Store(Protocol):
+    changes: ChangeLog  # the tasks whose rows changed: update, queue_pending, the cancels
+
     def close(self) -> None:
         """Release the store; no call may follow."""
 

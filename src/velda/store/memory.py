@@ -21,7 +21,7 @@ from velda.models import (
     Task,
     TaskStatus,
 )
-from velda.store.base import AttemptRecord
+from velda.store.base import AttemptRecord, ChangeLog
 
 _WAITING = (TaskStatus.PENDING, TaskStatus.QUEUED)
 
@@ -47,6 +47,7 @@ def _out(task: Task) -> Task:
 
 class MemoryStore:
     def __init__(self) -> None:
+        self.changes = ChangeLog()
         self._state = _State()
         self._depth = 0
 
@@ -102,6 +103,7 @@ class MemoryStore:
             if t.status == TaskStatus.PENDING and not t.cancel_requested:
                 t.status = TaskStatus.QUEUED
                 queued.append((t.id, t.shard_id))
+        self.changes.note(task_id for task_id, _ in queued)
         return sorted(queued)
 
     def unstarted_children(self, parent_id: int) -> list[int]:
@@ -111,6 +113,7 @@ class MemoryStore:
         ]
 
     def request_cancel(self, ids: list[int]) -> None:
+        self.changes.note(ids)
         for t in self._stored(ids):
             if t.status not in FINAL_STATES:
                 t.cancel_requested = True
@@ -121,6 +124,7 @@ class MemoryStore:
             if t.status in _WAITING and t.submitted_at is None and t.handle is None:
                 t.status, t.resolved_at, t.cancel_requested = TaskStatus.CANCELLED, now, True
                 ended.append((t.id, t.parent_id))
+        self.changes.note(task_id for task_id, _ in ended)
         return ended
 
     def _stored(self, ids: Iterable[int]) -> list[Task]:
@@ -128,6 +132,7 @@ class MemoryStore:
         return [self._state.tasks[i] for i in dict.fromkeys(ids) if i in self._state.tasks]
 
     def update(self, task: Task, *fields: str) -> None:
+        self.changes.note((task.id,))
         stored = self._state.tasks.get(task.id)
         if stored is not None:
             for f in fields:

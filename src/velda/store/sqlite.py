@@ -27,7 +27,7 @@ from velda.models import (
     TaskStatus,
 )
 from velda.store import clean
-from velda.store.base import AttemptRecord
+from velda.store.base import AttemptRecord, ChangeLog
 
 _SQLITE_FULL = 13  # the primary result code of "database or disk is full"
 _SQLITE_IOERR_SHMSIZE = 4874  # no room for the WAL's shared-memory file
@@ -225,6 +225,7 @@ def _connect(path: Path, exclusive: bool) -> sqlite3.Connection:
 class SqliteStore:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self.changes = ChangeLog()
         try:
             self.db = _connect(self.path, exclusive=False)
         except sqlite3.OperationalError as e:
@@ -359,6 +360,7 @@ class SqliteStore:
             "AND cancel_requested=0 RETURNING id, shard_id",
             [TaskStatus.QUEUED.value, *ids, TaskStatus.PENDING.value],
         ).fetchall()
+        self.changes.note(r[0] for r in rows)
         return sorted(rows)
 
     def unstarted_children(self, parent_id: int) -> list[int]:
@@ -373,6 +375,7 @@ class SqliteStore:
 
     def request_cancel(self, ids: list[int]) -> None:
         """Mark the open tasks of `ids` as asked to cancel, a thousand per statement."""
+        self.changes.note(ids)
         for chunk in _chunks(ids):
             self.db.execute(
                 f"UPDATE tasks SET cancel_requested=1 WHERE id IN ({_marks(chunk)}) "
@@ -392,12 +395,14 @@ class SqliteStore:
                 [TaskStatus.CANCELLED.value, now, *chunk, TaskStatus.PENDING.value,
                  TaskStatus.QUEUED.value],
             ).fetchall()
+        self.changes.note(task_id for task_id, _ in ended)
         return ended
 
     def update(self, task: Task, *fields: str) -> None:
         sets = ",".join(f"{f}=?" for f in fields)
         values = [_encode(f, getattr(task, f)) for f in fields]
         self.db.execute(f"UPDATE tasks SET {sets} WHERE id=?", [*values, task.id])
+        self.changes.note((task.id,))
 
     def get(self, task_id: int) -> Task | None:
         row = self.db.execute(
