@@ -20,7 +20,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp
 
 from velda import __version__
-from velda.models import Children, Task, TaskStatus
+from velda.models import Children, Dependency, Task, TaskStatus
 from velda.protocol import (
     MAX_BATCH,
     BadRequest,
@@ -147,7 +147,8 @@ class Api:
             task, made = earlier, False
         else:
             task, made = await self.runtime.submit_or_find(req, principal.scope, key)
-        data = task_json(task, self.children_of_submitted(task, made), self.store)
+        data = task_json(task, self.children_of_submitted(task, made), self.store,
+                         _dependencies_of_submitted(req, made))
         # only for a submitter outside any task: inside one, its stderr is that task's log
         notice = None if principal.scope else self.runtime.notice_for(self.runtime.pool(task.pool))
         if notice:
@@ -395,6 +396,12 @@ def _batch_of(body: object) -> list[SubmitRequest]:
         raise BadRequest(f"tasks: a list of 1 to {MAX_BATCH:,} tasks", "tasks")
     return [in_item(i, SubmitRequest.from_json, item)
             for i, item in enumerate(items)]
+
+
+def _dependencies_of_submitted(req: SubmitRequest, made: bool) -> list[Dependency] | None:
+    """A task this request just made without `after*` has none; otherwise None: the answer
+    reads them from the store."""
+    return [] if made and not (req.after or req.after_success or req.after_fail) else None
 
 
 def _idempotency_key(request: Request) -> str | None:
