@@ -569,6 +569,23 @@ def follow_log(server: Server, *command: str) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL)
 
 
+def fan_in(root: Path, n: int, batch: int) -> float:
+    """Tasks a second of n × true submitted `batch` a request, followed by one task that
+    waits for all of them (`after_success` naming each ID), to that one's end."""
+    with running_server(root, "s3i") as server:
+        api = Api(server)
+        started = time.time()
+        ids = [task["id"] for start in range(0, n, batch) for task in api.call(
+            "POST", "/api/v1/tasks:batch",
+            {"tasks": [submit_body(["true"])] * min(batch, n - start)})["tasks"]]
+        last = api.call("POST", "/api/v1/tasks",
+                        {**submit_body(["true"]), "after_success": [",".join(ids)]})["id"]
+        if server.wait_final(last, poll_s=0.01) != "SUCCESS":
+            raise RuntimeError(f"the task after the fan-in's {n:,} ended otherwise")
+        return n / (float(server.sql("SELECT resolved_at FROM tasks WHERE id=?", last)[0][0])
+                    - started)
+
+
 def shard_set(root: Path, n: int) -> float:
     """Tasks a second of `vbatch -N n true`: one submit."""
     with running_server(root, "s3n") as server:
@@ -622,6 +639,8 @@ def bench_flood(root: Path, sizes: Sizes, submitters: int = 4, batch: int = 1000
     fanned_watched = fan_out(root, "s3w", n, watched=True)
     log(f"   the same fan-out, beside {BESIDE} other tasks each followed by velda task log -f")
     fanned_beside = fan_out(root, "s3l", n, beside=BESIDE)
+    log(f"   {n // 2:,} × true, {batch:,} a request, and one task after all of them (a fan-in)")
+    fanned_in = fan_in(root, n // 2, batch)
     log(f"   the same as one shard set (vbatch -N {n:,} true)")
     sharded = shard_set(root, n)
     log(f"   {n // 2:,} submits, one a request, that wait on a running task (none starts)")
@@ -647,6 +666,9 @@ def bench_flood(root: Path, sizes: Sizes, submitters: int = 4, batch: int = 1000
             "—"),
         Row(f"    the same, beside {BESIDE} other tasks followed by `velda task log -f`",
             f"{fanned_beside:,.0f}/s", "—"),
+        Row(f"  {n // 2:,} of them, and one task after all of them (`--after-success` naming "
+            "each)", f"{fanned_in:,.0f}/s", f"all {n:,}, with none after them "
+            f"{bulk['rate']:,.0f}/s"),
         Row(f"  the same as one shard set (`vbatch -N {n:,} true`)", f"{sharded:,.0f}/s",
             f"at the top level {bulk['rate']:,.0f}/s"),
         Row("  end to end against xargs -P2 (ratio, the better of the two)",

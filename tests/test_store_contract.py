@@ -329,3 +329,19 @@ def test_changes_name_the_tasks_whose_rows_were_written(store: Store) -> None:
     assert store.changes.take() == {queued, other}
     store.cancel_waiting([waiting, queued], now=1.0)
     assert store.changes.take() == {waiting, queued}
+
+
+def test_dependency_states_name_each_kind_and_upstream_status_once(store: Store) -> None:
+    done = [_add(store, status=TaskStatus.SUCCESS) for _ in range(3)]
+    running, failed = _add(store, status=TaskStatus.RUNNING), _add(store, status=TaskStatus.FAILURE)
+    waiting = _add(store)
+    store.add_dependencies(waiting, [
+        *(Dependency(t, DependencyKind.SUCCESS) for t in done),
+        Dependency(running, DependencyKind.SUCCESS), Dependency(failed, DependencyKind.FAIL),
+        Dependency(failed + 100, DependencyKind.ANY),  # an upstream no longer stored
+    ])
+    assert store.dependency_states(waiting) == {
+        (DependencyKind.SUCCESS, TaskStatus.SUCCESS), (DependencyKind.SUCCESS, TaskStatus.RUNNING),
+        (DependencyKind.FAIL, TaskStatus.FAILURE), (DependencyKind.ANY, None),
+    }
+    assert store.dependency_states(done[0]) == set()

@@ -156,6 +156,11 @@ class Store(Protocol):
     def dependencies_of(self, task_ids: list[int]) -> dict[int, list[Dependency]]:
         """dependencies() of each of `task_ids`, those with none too."""
 
+    def dependency_states(self, task_id: int) -> set[tuple[DependencyKind, TaskStatus | None]]:
+        """Each (kind, upstream's status) among task_id's dependencies, once (None: an upstream
+        not stored): what decides whether it may run, in one query however many it has (a
+        fan-in is asked at the end of each of its upstreams)."""
+
     def dependents(self, upstream_id: int) -> list[tuple[int, DependencyKind]]:
         """(task id, kind) of the tasks that wait on upstream_id, by task ID."""
 

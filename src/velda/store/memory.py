@@ -257,6 +257,11 @@ class MemoryStore:
     def dependencies(self, task_id: int) -> list[Dependency]:
         return self.dependencies_of([task_id])[task_id]
 
+    def dependency_states(self, task_id: int) -> set[tuple[DependencyKind, TaskStatus | None]]:
+        deps = self.dependencies(task_id)
+        statuses = self.statuses([d.upstream_id for d in deps])
+        return {(d.kind, statuses.get(d.upstream_id)) for d in deps}
+
     def dependencies_of(self, task_ids: list[int]) -> dict[int, list[Dependency]]:
         found: dict[int, list[Dependency]] = {t: [] for t in task_ids}
         for task_id, upstream, kind in sorted(self._state.deps):

@@ -598,6 +598,14 @@ class SqliteStore:
         ).fetchall()
         return [Dependency(u, DependencyKind(k)) for u, k in rows]
 
+    def dependency_states(self, task_id: int) -> set[tuple[DependencyKind, TaskStatus | None]]:
+        rows = self.db.execute(
+            "SELECT DISTINCT d.kind, t.status FROM deps d LEFT JOIN tasks t ON t.id=d.upstream_id "
+            "WHERE d.task_id=?", (task_id,),
+        )
+        return {(DependencyKind(kind), None if status is None else clean.status(status))
+                for kind, status in rows}
+
     def dependencies_of(self, task_ids: list[int]) -> dict[int, list[Dependency]]:
         """The dependencies of many tasks in one query (a page of a list)."""
         found: dict[int, list[Dependency]] = {t: [] for t in task_ids}
