@@ -23,6 +23,18 @@ def test_after_success_of_a_failure_is_failed_upstream_and_after_fail_runs(velda
     assert velda.get(downstream)["started_at"] is None
 
 
+def test_a_task_after_a_shard_that_never_ran_is_decided(velda: Velda) -> None:
+    # the shards end FAILED_UPSTREAM with their parent, before they ever start: what waits
+    # on one of them is decided then, not left PENDING
+    velda.vbatch("--name", "gate", "sh", "-c", "sleep 1; exit 4")
+    velda.vbatch("--name", "p", "-N", "3", "--after-success", "gate", "true")
+    after_shard = velda.vbatch("--after-success", "p/1", "true")
+    after_any = velda.vbatch("--after", "p/2", "true")
+    assert velda.wait("p")["status"] == "FAILED_UPSTREAM"
+    assert velda.wait(after_shard)["status"] == "FAILED_UPSTREAM"
+    assert velda.wait(after_any)["status"] == "SUCCESS"
+
+
 def test_after_fail_of_a_success_is_skipped(velda: Velda) -> None:
     velda.vbatch("--name", "ok", "true")
     skipped = velda.vbatch("--after-fail", "ok", "true")

@@ -461,15 +461,18 @@ class Runtime:
         self._release(task.id)
         follow = [dependent for dependent, _ in self.store.dependents(task.id)]
         if status in NEVER_RAN_STATES or status == S.CANCELLED:
-            self._finalize_unstarted_children(task, status)
+            follow += self._finalize_unstarted_children(task, status)
         self.blocked.ended(task.id)
         if task.parent_id is not None:
             follow.append(task.parent_id)
         return follow
 
-    def _finalize_unstarted_children(self, task: Task, status: TaskStatus) -> None:
+    def _finalize_unstarted_children(self, task: Task, status: TaskStatus) -> list[int]:
+        """Its children that never started end as it did; what waits on them is stepped."""
+        follow = []
         for child in self.store.get_many(self.store.unstarted_children(task.id)):
-            self._finalize(child, status)
+            follow += self._finalize(child, status)
+        return follow
 
     def _blocked_changed(self, task_id: int, blocked: bool) -> None:
         """A task started or stopped waiting for its subtree: its local CPUs count as free
