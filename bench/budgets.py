@@ -6,15 +6,17 @@ kills any task process they leave. Progress goes to stderr, one Markdown table t
     python bench/budgets.py [--quick] [--only 1,3]
 
 Sections: 1 `vbatch true` wall time; 2 submit-to-start on an idle pool; 3 10,000 trivial tasks
-through the API, one a request and 1,000 a request (`POST /api/v1/tasks:batch`), with where a
-slot's cycle goes, the two phases of a flood one a request (its submits, then the queue
-draining), and the submit path alone (submits that wait on a running task), next to
-its floors: the HTTP stack alone (http_floor.py) and a task's row alone in the store, and
-what making a task's folder and log files costs where the homes are (TMPDIR); 4 1,000,000
-tasks stored (CLI list, API list, server RSS, server start); 5 memory of supervising a running
-task; 6 a task writing 1 GiB to stdout; 7 a scheduling pass and a submit with 10,000 tasks
-running on a synthetic engine. Uses hyperfine and tsp when installed (Debian packages
-`hyperfine`, `task-spooler`).
+through the API, one a request and 1,000 a request (`POST /api/v1/tasks:batch`); the same as a
+task's children (a fan-out: alone, watched by `velda task watch`, and beside 16 tasks each
+followed by `velda task log -f`), half as many with one task after all of them (a fan-in), and
+as a shard set (`vbatch -N`); with where a slot's cycle goes, the two phases of a flood one a
+request (its submits, then the queue draining), and the submit path alone (submits that wait on
+a running task), next to its floors: the HTTP stack alone (http_floor.py) and a task's row alone
+in the store, and what making a task's folder and log files costs where the homes are (TMPDIR);
+4 1,000,000 tasks stored (CLI list, API list, server RSS, server start); 5 memory of supervising
+a running task; 6 a task writing 1 GiB to stdout; 7 a scheduling pass and a submit with 10,000
+tasks running on a synthetic engine, and a pass with 10,000 queued behind a pool at its
+`capacity`. Uses hyperfine and tsp when installed (Debian packages `hyperfine`, `task-spooler`).
 
 Command-line tools are timed as installed, with their bytecode cached (a private
 PYTHONPYCACHEPREFIX); where this shell sets PYTHONDONTWRITEBYTECODE, §1 also shows that case.
