@@ -58,7 +58,7 @@ class Scan:
     def __init__(self, heaps: dict[str, list[Entry]], requests: dict[int, Request]) -> None:
         self._heaps, self._requests = heaps, requests
         self._heads: list[tuple[int, int, str]] = []  # the head of each pool still read
-        self._read: dict[int, tuple[str, Entry]] = {}  # task ID -> where it was
+        self._read: set[int] = set()  # task IDs
         self._skipped: set[str] = set()
         for pool in list(heaps):
             self._push_head(pool)
@@ -72,7 +72,7 @@ class Scan:
             self._push_head(pool)
             if task_id in self._read:  # queued again after a discard: its older entry
                 continue
-            self._read[task_id] = (pool, (priority, task_id))
+            self._read.add(task_id)
             yield self._requests[task_id]
 
     def skip(self, pool: str) -> None:
@@ -80,9 +80,12 @@ class Scan:
         self._skipped.add(pool)
 
     def put_back(self) -> None:
-        for task_id, (pool, entry) in self._read.items():
-            if task_id in self._requests:
-                heapq.heappush(self._heaps.setdefault(pool, []), entry)
+        """What was read and is still queued goes back to its pool's heap."""
+        for task_id in self._read:
+            request = self._requests.get(task_id)
+            if request is not None:
+                heapq.heappush(self._heaps.setdefault(request.pool, []),
+                               (request.priority, task_id))
 
     def _push_head(self, pool: str) -> None:
         """The pool's first entry still queued joins the merge; those no longer queued (or

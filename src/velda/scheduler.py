@@ -62,18 +62,18 @@ def schedule(
     placements: list[Placement] = []
     reserved = Resources()
     slots = dict(capacity.pool_slots)
-    _skip_full(slots, slots, skip)
+    for pool in [pool for pool, left in slots.items() if left <= 0]:
+        skip(pool)
     for group in _gangs(queue):
         if not _slots_left(group, slots):
             for request in group:
                 slots[request.pool] = 0
-            _skip_full(_pools(group), slots, skip)
+                skip(request.pool)
             continue
         total = _sum(r.need for r in group)
         room = capacity.free - reserved
         if total.fits_in(room) and total.gpus <= len(capacity.free_gpus):
-            placements += [_take(r, capacity, slots) for r in group]
-            _skip_full(_pools(group), slots, skip)
+            placements += [_take(r, capacity, slots, skip) for r in group]
         else:
             held = _clamp_non_negative(room).clamp(total)
             if reserving is not None and (held.cpus > 1e-9 or held.gpus):
@@ -82,16 +82,6 @@ def schedule(
         if _nothing_left(capacity.free - reserved):
             break
     return placements
-
-
-def _pools(group: list[Request]) -> set[str]:
-    return {request.pool for request in group}
-
-
-def _skip_full(pools: Iterable[str], slots: dict[str, int], skip: Callable[[str], None]) -> None:
-    for pool in pools:
-        if slots.get(pool, 1) <= 0:
-            skip(pool)
 
 
 def _nothing_left(room: Resources) -> bool:
@@ -110,11 +100,12 @@ def _gangs(queue: Iterable[Request]) -> Iterator[list[Request]]:
         yield group
 
 
-def _take(request: Request, capacity: Capacity, slots: dict[str, int]) -> Placement:
+def _take(request: Request, capacity: Capacity, slots: dict[str, int],
+          skip: Callable[[str], None]) -> Placement:
     capacity.free = capacity.free - request.need
     gpu_ids = tuple(capacity.free_gpus[: request.need.gpus])
     del capacity.free_gpus[: request.need.gpus]
-    _use_slot(request, slots)
+    _use_slot(request, slots, skip)
     return Placement(request.task_id, Allocation(request.need.cpus, gpu_ids))
 
 
@@ -125,9 +116,13 @@ def _slots_left(group: list[Request], slots: dict[str, int]) -> bool:
     return all(slots.get(pool, n) >= n for pool, n in wanted.items())
 
 
-def _use_slot(request: Request, slots: dict[str, int]) -> None:
+def _use_slot(request: Request, slots: dict[str, int], skip: Callable[[str], None]) -> None:
+    """A slot of its pool, where the pool has a limit: the pool's last one, and the rest of
+    its queue is skipped."""
     if request.pool in slots:
         slots[request.pool] -= 1
+        if slots[request.pool] <= 0:
+            skip(request.pool)
 
 
 def _sum(needs: Iterable[Resources]) -> Resources:
