@@ -487,9 +487,10 @@ SLOW_FILES_S = 0.0001  # tmpfs takes 0.015 ms, a quiet ext4 disk 0.02 to 0.06 ms
 
 def making_files(root: Path, n: int = 1000) -> float:
     """Seconds to make a task's folder and its two log files under `root`, where the floods'
-    homes are: what each task of a flood asks of that file system besides velda's own work. On
-    tmpfs it takes some µs; on an ext4 disk that deleted many files in the last minutes it
-    can take a millisecond (README, "Performance")."""
+    homes are: what a task that prints asks of that file system besides velda's own work (one
+    that prints nothing mostly gets the folder of one that ended: docs/architecture.md, "Spare
+    attempt folders"). On tmpfs it takes some µs; on an ext4 disk that deleted many files in
+    the last minutes it can take a millisecond (README, "Performance")."""
     folder = root / "s3-files"
     folder.mkdir()
     started = time.perf_counter()
@@ -627,8 +628,8 @@ def bench_flood(root: Path, sizes: Sizes, submitters: int = 4, batch: int = 1000
     log(f"§3 {n:,} × true through the API, {submitters} submitters")
     if files_s > SLOW_FILES_S:
         log(f"   making a task's folder and log files takes {ms(files_s)} here: this file "
-            "system slows every task (README, \"Performance\"); TMPDIR=/dev/shm measures "
-            "without it")
+            "system slows the first tasks of each flood and every task that prints (README, "
+            "\"Performance\"); TMPDIR=/dev/shm measures without it")
     one = flood(root, "s3", n, lambda server: submit_many(server, n, submitters))
     log(f"   the same, {batch:,} tasks a request (POST /api/v1/tasks:batch)")
     bulk = flood(root, "s3b", n, lambda server: submit_in_batches(server, n, batch))

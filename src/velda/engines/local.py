@@ -41,6 +41,7 @@ from velda.engines.keepers import Keepers
 from velda.engines.pids import boot_ticks, start_time, start_time_since
 from velda.engines.reaper import server_link
 from velda.engines.run_as import task_user
+from velda.engines.spare_folders import SpareFolders
 from velda.engines.status_file import (
     PID,
     STATUS,
@@ -99,8 +100,10 @@ class LocalEngine:
     samples_here = True
     gives_terminals = True
 
-    def __init__(self, events: EngineEvents, cpus: float | None, gpus: int | None) -> None:
+    def __init__(self, events: EngineEvents, cpus: float | None, gpus: int | None,
+                 spares: SpareFolders | None = None) -> None:
         self.events = events
+        self._spares = spares  # where the folders of attempts that printed nothing go
         self._override = (cpus, gpus)
         self._capacity = _machine(cpus, gpus)
         self._watched: dict[int, _Watched] = {}  # by pidfd
@@ -291,7 +294,7 @@ class LocalEngine:
         if watched.direct:
             os.close(fd)
             self.events.exited(watched.task_id, watched.attempt, zombie.read_exit(watched.pid),
-                               partial(self._reap, watched.pid))
+                               partial(self._reap, watched.pid, watched.attempt_dir))
             return
         if not watched.own_child:
             self._await_status(watched, fd, None)
@@ -300,13 +303,16 @@ class LocalEngine:
         _, wait_status = os.waitpid(watched.pid, 0)
         self._report_exit(watched, wait_status)
 
-    def _reap(self, pid: int) -> None:
+    def _reap(self, pid: int, attempt_dir: Path) -> None:
         """Its exit is in the store: the zombie that kept it until then goes (were the
-        server killed before, its reaper would write its status file from it)."""
+        server killed before, its reaper would write its status file from it), and its
+        folder is offered to the next start (spare_folders.py)."""
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
         assert self._reaper is not None
         self._reaper.reaped(pid)
+        if self._spares is not None:
+            self._spares.offer(attempt_dir)
 
     def _await_status(self, watched: _Watched, fd: int, gone_at: float | None) -> None:
         """An adopted task that ended: its status is there if its wrapper wrote it, else it

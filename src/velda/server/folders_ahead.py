@@ -14,6 +14,9 @@ itself took `SLOW_S` or more (the median of the last `_SAMPLES`: a start the ker
 in its `mkdir` says nothing of the file system; `VELDA_FOLDERS_AHEAD_FROM_S` sets another
 bound, 0 for always).
 
+Not while folders of ended attempts are on offer (engines/spare_folders.py): a start renames
+one of those, which makes no new inode at all.
+
 A start does not rely on it: it makes whatever is still missing (the folder if it is not
 there, the files with O_CREAT), so a helper that falls behind or is gone costs time and
 nothing else. A file it made is empty, made as the server would (0700 folder, 0600 files);

@@ -29,6 +29,7 @@ from velda.engines.base import (
     Launch,
 )
 from velda.engines.local import LocalEngine
+from velda.engines.spare_folders import SpareFolders
 from velda.models import (
     NEVER_RAN_STATES,
     Allocation,
@@ -97,8 +98,10 @@ class Runtime:
         self.usage = UsageSampler(now)  # what running local attempts use
         self.subtree_usage = SubtreeUsage(store, self.attempt_usage)
         self.resolver = Resolver(store)
+        self.spares = SpareFolders()  # folders of ended local attempts, for the next
         self.local: Engine = (
-            local(self) if local else LocalEngine(self, config.local_cpus, config.local_gpus)
+            local(self) if local
+            else LocalEngine(self, config.local_cpus, config.local_gpus, self.spares)
         )
         self.engines = Engines(self.local, registry, self)
         self.blocked = Blocked(self._blocked_changed)  # tasks waiting for their subtree
@@ -543,7 +546,8 @@ class Runtime:
             self._folders_ahead()
 
     def _folders_ahead(self) -> None:
-        if self.ahead is not None:
+        """Not while there are spare folders: the starts take those."""
+        if self.ahead is not None and not self.spares:
             self.ahead.refill(self.machine.queued)
 
     def _pass_with_reports(self) -> Joined | None:
@@ -671,13 +675,20 @@ class Runtime:
 
     def launch_of(self, task: Task) -> Launch:
         directory = self.attempt_dir(task.id, task.attempt)
-        began = time.perf_counter()
-        if launches.make_attempt_dir(directory) and self.ahead is not None:
-            self.ahead.made(time.perf_counter() - began)
         pool = self.config.pool(task.pool) or self.pool(None)
+        self._make_attempt_dir(directory, pool.engine == "local")
         env = launches.task_env(task, pool, self.store.env_of(task.id),
                                 self.config.server_url or self.url, self.token_for(task.id))
         return launches.launch_of(task, pool, env, directory, self.home)
+
+    def _make_attempt_dir(self, directory: Path, local: bool) -> None:
+        """A spare folder moved there for a local attempt (spare_folders.py), else made, and
+        timed for `ahead` (unless it was there: made ahead, or by an earlier try)."""
+        if local and self.spares.take(directory) is not None:
+            return
+        began = time.perf_counter()
+        if launches.make_attempt_dir(directory) and self.ahead is not None:
+            self.ahead.made(time.perf_counter() - began)
 
     def attempt_dir(self, task_id: int, attempt: int) -> Path:
         return launches.attempt_dir(self.home, task_id, attempt)
