@@ -126,3 +126,16 @@ def test_output_written_after_a_task_ended_stays_in_that_task_s_logs(velda: Veld
     assert velda.log(first).stdout == "late\n"
     for task_id in later:
         assert velda.log(task_id).stdout == ""
+
+
+def test_tasks_followed_by_vrun_reuse_their_folders_and_keep_their_figures(
+        velda: Velda) -> None:
+    ran = [velda.run("vrun", "true", check=True) for _ in range(8)]
+    assert all(result.stdout == "" for result in ran)
+    # 8 tasks, one after the other: each takes the folder of the one before (unless a usage
+    # sample, once a second, came in a task's millisecond and made it keep its own)
+    assert len(os.listdir(velda.home / "logs")) <= 3
+    first = velda.get("1")
+    assert first["status"] == "SUCCESS"
+    assert first["usage"]["final"] is True
+    assert first["usage"]["cpu_s"] >= 0

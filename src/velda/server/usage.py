@@ -17,8 +17,9 @@ spawned itself are read from its zombie with its exit status (engines/zombie.py)
 node sends its attempt's with its exit status, and they are stored with the exit, as is when
 it started (an older velda's Ray attempt has them in a `times` file). The summary of an
 ended attempt (the `usage` object of the API, docs/api.md) is made from those when it is
-first asked for and kept in `usage.json` beside its files. An attempt adopted after a
-restart continues its file.
+first asked for and, if it was sampled, kept in `usage.json` beside its files (one without
+samples is made again from what the store keeps, and its folder may go to the next attempt:
+engines/spare_folders.py). An attempt adopted after a restart continues its file.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def usage_of(attempt_dir: Path, sampler: UsageSampler, ended_at: float | None,
                         samples[-1] if samples else None, len(samples),
                         max((s.rss for s in samples), default=0), _gpu_peaks(samples), times,
                         _ended_at(attempt_dir) or ended_at)
-    if summary["final"]:
+    if summary["final"] and samples:  # kept where it saves reading them again
         _write_summary(attempt_dir, summary)
     return summary
 
