@@ -41,9 +41,14 @@ def test_a_folder_whose_logs_hold_anything_stays_its_attempt_s(tmp_path: Path) -
     spares = SpareFolders()
     printed = _attempt(tmp_path, "1.1", stdout=b"result\n")
     spares.offer(printed)
-    assert spares.take(tmp_path / "2.1") is None
+    assert len(spares) == 0  # not even offered
+    silent_then = _attempt(tmp_path, "2.1")
+    spares.offer(silent_then)
+    (silent_then / "stderr").write_bytes(b"late\n")  # by a process it left behind
+    assert spares.take(tmp_path / "3.1") is None
+    assert (silent_then / "stderr").read_bytes() == b"late\n"
     assert (printed / "stdout").read_bytes() == b"result\n"
-    assert not (tmp_path / "2.1").exists()
+    assert not (tmp_path / "3.1").exists()
 
 
 def test_a_folder_with_anything_else_in_it_stays(tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ it to the attempt's status file. Where it
 cannot (a terminal, another user, a command only a shell can run, no reaper), the status-file
 wrapper of status_file.py (a tiny `/bin/sh` script, no interpreter) runs the command and
 writes its status. Either way a task keeps running, and its logs and exit status are
-recorded, while the server is down; the next server finds it again through `adopt`.
+recorded, while the server is down; the next server finds it again through `adopt`. Once a
+directly spawned task's end is stored, its folder is offered to the next start, which takes
+it if its logs are empty and nothing holds them (spare_folders.py).
 """
 
 from __future__ import annotations

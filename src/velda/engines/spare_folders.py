@@ -48,8 +48,9 @@ class SpareFolders:
 
     def offer(self, folder: Path) -> None:
         """The folder of an attempt whose end is stored: another attempt may have it, if its
-        logs are empty and nothing else can reach them when it is asked for."""
-        if self._leases:
+        logs are empty and nothing else can reach them when it is asked for. One whose logs
+        hold something now is not kept (a flood of tasks that print costs a start nothing)."""
+        if self._leases and not _has_output(str(folder)):
             self._offered.append(str(folder))
 
     def take(self, folder: Path) -> bool | None:
@@ -101,6 +102,13 @@ class SpareFolders:
                 self._leases = False
                 self._offered.clear()
             return False
+        return True
+
+
+def _has_output(folder: str) -> bool:
+    try:
+        return any(os.stat(os.path.join(folder, name)).st_size for name in LOG_FILES)
+    except OSError:
         return True
 
 
