@@ -54,7 +54,8 @@ class FanIns:
         return True
 
     def read(self, task_id: int, took: float) -> None:
-        """Its dependencies were read, in `took` seconds, and it still waits."""
+        """Its dependencies were read, in `took` seconds (`forget` follows if they decided
+        it)."""
         if took < self.slow_s:
             self._not_before.pop(task_id, None)
         else:
