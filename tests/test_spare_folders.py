@@ -10,19 +10,15 @@ import time
 from pathlib import Path
 
 from velda.engines.spare_folders import SpareFolders
+from velda.server import folder_maker
 from velda_cli import Velda
-
-_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
 
 
 def _attempt(logs: Path, name: str, stdout: bytes = b"") -> Path:
-    """An attempt's folder as a start makes it: 0700, with two 0600 log files."""
+    """An attempt's folder as a start makes it (0700, two 0600 log files), then written to."""
     folder = logs / name
-    folder.mkdir(mode=0o700, parents=True)
-    for stream in ("stdout", "stderr"):
-        fd = os.open(folder / stream, _FLAGS, 0o600)
-        os.write(fd, stdout if stream == "stdout" else b"")
-        os.close(fd)
+    folder_maker.make(os.fsencode(folder))
+    (folder / "stdout").write_bytes(stdout)
     return folder
 
 

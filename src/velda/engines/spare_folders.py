@@ -28,10 +28,11 @@ import stat
 from collections import deque
 from pathlib import Path
 
+from velda.logindex import STREAMS
+
 KEEP = 64
-LOG_FILES = ["stderr", "stdout"]  # sorted, as a listing is compared to them
+_LOG_FILES = sorted(STREAMS)  # as a listing is compared to them
 _DIR_MODE, _FILE_MODE = 0o700, 0o600
-_F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 # A lease broken by another process's open (in the moment it is held) sends this signal,
 # which is ignored unless handled: the default, SIGIO, would end the server.
 _LEASE_SIGNAL = signal.SIGURG
@@ -75,9 +76,9 @@ class SpareFolders:
         held: list[int] = []
         try:
             if not _private(os.fstat(directory), _DIR_MODE) \
-                    or sorted(os.listdir(directory)) != LOG_FILES:
+                    or sorted(os.listdir(directory)) != _LOG_FILES:
                 return None
-            for name in LOG_FILES:
+            for name in _LOG_FILES:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
                              dir_fd=directory)
                 held.append(fd)
@@ -95,7 +96,7 @@ class SpareFolders:
         """Whether no other open file description reaches this file (a write lease is
         granted only then). Held until `fd` is closed."""
         try:
-            fcntl.fcntl(fd, _F_SETSIG, _LEASE_SIGNAL)
+            fcntl.fcntl(fd, fcntl.F_SETSIG, _LEASE_SIGNAL)
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
         except OSError as e:
             if e.errno not in _HELD:  # no leases here (sysctl fs.leases-enable, NFS, ...)
@@ -107,7 +108,7 @@ class SpareFolders:
 
 def _has_output(folder: str) -> bool:
     try:
-        return any(os.stat(os.path.join(folder, name)).st_size for name in LOG_FILES)
+        return any(os.stat(os.path.join(folder, name)).st_size for name in _LOG_FILES)
     except OSError:
         return True
 
