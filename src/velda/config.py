@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tomllib
@@ -76,6 +77,7 @@ class Config:
         return sorted(names) + ["cpu-N", "gpu-N"]
 
 
+@functools.lru_cache(maxsize=256)  # read several times for each task; a Pool is frozen
 def builtin_pool(name: str) -> Pool | None:
     if name == DEFAULT_POOL:
         return Pool(DEFAULT_POOL, "local", Resources(cpus=1))

@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, fields
@@ -94,15 +95,21 @@ CREATE TABLE IF NOT EXISTS attempts (
     cpu_system_s REAL,
     PRIMARY KEY (task_id, attempt)
 );
+CREATE TABLE IF NOT EXISTS envs (
+    id INTEGER PRIMARY KEY,
+    text TEXT NOT NULL
+);
 """
 
 # Kept out of Task: the key a client sent with the submit that made the task, and the key of
-# the last retry applied to it, so a request repeated after a lost answer changes nothing.
+# the last retry applied to it, so a request repeated after a lost answer changes nothing;
+# and env_id, the row of `envs` holding the task's environment (see SqliteStore._env_id).
 # (reason_detail is a field of Task: why its attempt ended, in words.)
 _ADDED_COLUMNS = (
     ("tasks", "idempotency_key", "TEXT"), ("tasks", "retry_key", "TEXT"),
     ("tasks", "reason_detail", "TEXT"), ("tasks", "submitted_at", "REAL"),
     ("tasks", "stop_cause", "TEXT"), ("tasks", "terminal", "TEXT"),
+    ("tasks", "env_id", "INTEGER"),
     ("attempts", "cpu_user_s", "REAL"), ("attempts", "cpu_system_s", "REAL"),
 )
 
@@ -130,7 +137,14 @@ _JSON_COLUMNS = {"command", "env", "labels", "handle"}
 _READ_COLUMNS = [c for c in _COLUMNS if c != "env"]
 _READ = ",".join(_READ_COLUMNS)
 _INSERTED = [c for c in _COLUMNS if c != "id"]
-_INSERT = f"INSERT INTO tasks ({','.join(_INSERTED)}) VALUES ({','.join('?' * len(_INSERTED))})"
+_INSERT = (f"INSERT INTO tasks ({','.join(_INSERTED)}, env_id) "
+           f"VALUES ({','.join('?' * len(_INSERTED))}, ?)")
+# Pages of a store made from now on. Each commit writes every page it changed in full to the
+# WAL, and a task's life is a few small commits: 2 KiB pages write 40% of what 4 KiB pages
+# did (docs/architecture.md, "One submit a request"). A store keeps the size it was made with.
+_PAGE_SIZE = 2048
+# Environments kept for the next tasks that share one (a submitter's tasks do): its row in envs
+_ENVS_KEPT = 64
 _ENCODED = _JSON_COLUMNS | {"alloc", "terminal"}
 _AS_IS = {str, int, float, type(None)}  # exactly these types: not a bool, not an enum
 
@@ -214,6 +228,7 @@ def _connect(path: Path, exclusive: bool) -> sqlite3.Connection:
     try:
         if exclusive:
             db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        db.execute(f"PRAGMA page_size={_PAGE_SIZE}")  # a store that exists keeps its own
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # opens the WAL index
     except BaseException:
@@ -240,10 +255,11 @@ class SqliteStore:
         self._migrate()
         self.db.text_factory = clean.text_of
         self._depth = 0
-        # the last environment read (its text, decoded) and written (encoded): a submitter's
-        # tasks share theirs, so a flood decodes and encodes it once
+        # the last environment read (its text, decoded) and written (its row in envs): a
+        # submitter's tasks share theirs, so a flood decodes, encodes and stores it once
         self._env_read: tuple[str | None, dict[str, str]] = (None, {})
         self._env_written: tuple[dict[str, str] | None, str] = (None, "")
+        self._env_ids: OrderedDict[str, int] = OrderedDict()
         self._repair()
 
     def _repair(self) -> None:
@@ -297,6 +313,7 @@ class SqliteStore:
             # leaves the transaction open
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
+            self._env_ids.clear()  # rows of envs it wrote are gone with it
             if is_disk_full(e):
                 raise StoreFull(self.path) from e
             raise
@@ -306,9 +323,8 @@ class SqliteStore:
     # --- tasks
 
     def insert(self, task: Task) -> int:
-        row = [_encode(c, getattr(task, c)) if c != "env" else self._env_text(task.env)
-               for c in _INSERTED]
-        cursor = self.db.execute(_INSERT, row)
+        row = [_encode(c, getattr(task, c)) if c != "env" else "{}" for c in _INSERTED]
+        cursor = self.db.execute(_INSERT, [*row, self._env_id(task.env)])
         assert cursor.lastrowid is not None
         task.id = cursor.lastrowid
         self.db.executemany(
@@ -317,11 +333,26 @@ class SqliteStore:
         )
         return task.id
 
-    def _env_text(self, env: dict[str, str]) -> str:
-        """The env column: tasks of one submitter share it, so it is encoded once for them."""
+    def _env_id(self, env: dict[str, str]) -> int:
+        """The row of `envs` that holds `env`, stored now unless a task stored it lately.
+
+        A task's environment is by far the largest part of it (kilobytes), and the tasks of
+        one submitter share theirs. Kept out of the task's row, it is written once for them,
+        and every later write of the row (its start, its end) rewrites a few hundred bytes
+        instead. Rows of tasks stored before envs existed keep theirs in `tasks.env`."""
         if env != self._env_written[0]:
             self._env_written = (dict(env), json.dumps(env))
-        return self._env_written[1]
+        text = self._env_written[1]
+        env_id = self._env_ids.get(text)
+        if env_id is None:
+            cursor = self.db.execute("INSERT INTO envs (text) VALUES (?)", (text,))
+            assert cursor.lastrowid is not None
+            env_id = self._env_ids[text] = cursor.lastrowid
+            if len(self._env_ids) > _ENVS_KEPT:
+                self._env_ids.popitem(last=False)
+        else:
+            self._env_ids.move_to_end(text)
+        return env_id
 
     def insert_shards(self, template: Task, count: int) -> None:
         """`count` shards of one parent, each `template` with its own shard_id and name, in
@@ -429,8 +460,9 @@ class SqliteStore:
     def env_of(self, task_id: int) -> dict[str, str]:
         """A shard stores no environment of its own: it has its parent's (insert_shards)."""
         row = self.db.execute(
-            "SELECT t.env, t.shard_id, p.env FROM tasks t LEFT JOIN tasks p ON p.id = t.parent_id "
-            "WHERE t.id=?",
+            "SELECT COALESCE(e.text, t.env), t.shard_id, COALESCE(pe.text, p.env) FROM tasks t "
+            "LEFT JOIN envs e ON e.id = t.env_id LEFT JOIN tasks p ON p.id = t.parent_id "
+            "LEFT JOIN envs pe ON pe.id = p.env_id WHERE t.id=?",
             (task_id,),
         ).fetchone()
         if row is None:
