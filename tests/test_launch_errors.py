@@ -65,7 +65,8 @@ def test_an_env_the_system_cannot_take_ends_engine_error_and_frees_the_cpu(
     velda.configure("[local]\ncpus = 1\n")
     gate = tmp_path / "gate"
     _, bad = _held(velda, gate, "--name", "bad", "echo", "never")
-    _write_db(velda, "UPDATE tasks SET env=? WHERE id=?", json.dumps({"": "x"}), int(bad))
+    _write_db(velda, "UPDATE tasks SET env=?, env_id=NULL WHERE id=?",  # as an older writer
+              json.dumps({"": "x"}), int(bad))
     after = velda.vbatch("--name", "after", "echo", "next one runs")
     gate.touch()
     task = velda.wait(bad)
