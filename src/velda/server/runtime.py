@@ -390,7 +390,7 @@ class Runtime:
         if self.fan_ins.held(task.id):  # read a moment ago, and slowly: read again soon
             return []
         # the kinds and statuses, each once, in one query: a fan-in of 5,000 upstreams read
-        # whole at each of their ends cost 14 ms each time, this 1.2 ms
+        # whole at each of their ends cost 14 ms each time, this 0.4 to 2 ms (fan_ins.py)
         began = time.perf_counter()
         states = self.store.dependency_states(task.id)
         self.fan_ins.read(task.id, time.perf_counter() - began)

@@ -132,8 +132,9 @@ _COLUMNS = (
 ).split()
 assert set(_COLUMNS) == {f.name for f in fields(Task)}, "a Task field without its column"
 _JSON_COLUMNS = {"command", "env", "labels", "handle"}
-# Reads leave out the environment, by far the largest column: only starting a task and its
-# page need it (env_of). A task read back without it has an empty env.
+# Reads leave out the environment, by far the largest part of a task: only starting a task
+# and its page need it (env_of). It is kept in envs (a task's column holds "{}"), or in this
+# column for a task stored before envs existed. A task read back has an empty env.
 _READ_COLUMNS = [c for c in _COLUMNS if c != "env"]
 _READ = ",".join(_READ_COLUMNS)
 _INSERTED = [c for c in _COLUMNS if c != "id"]
